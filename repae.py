@@ -850,7 +850,7 @@ class SmokeImages(torch.utils.data.Dataset):
 
 
 def build_dataset(args):
-    if args.smoke:
+    if args.smoke and not args.data_dir:
         return SmokeImages(args.max_images or 256, args.resolution, args.num_classes)
     if not args.data_dir or not os.path.isdir(args.data_dir):
         fail(f"--data-dir '{args.data_dir}' is not a folder; point it at an ImageFolder tree (one sub-folder per class)")
@@ -990,13 +990,10 @@ def write_previews(m, x, step, sample_dir, noise, labels):
 def main(args):
     dist_env = init_distributed()
     device = dist_env.device
-    if args.batch_size % dist_env.world:
-        fail(f"--batch-size {args.batch_size} (global) is not divisible by the {dist_env.world} processes")
     local_bs = args.batch_size // dist_env.world
     run_dir = os.path.join(args.output_dir, args.exp_name)
     ckpt_dir, sample_dir = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "samples")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    torch.manual_seed(args.seed + dist_env.rank)
 
     dataset = build_dataset(args)
     if len(dataset) < args.batch_size:
@@ -1009,7 +1006,9 @@ def main(args):
         generator=torch.Generator())                        # its own seed draws: the global RNG stays exact
     steps_per_epoch = len(sampler) // local_bs
 
+    torch.manual_seed(args.seed)                            # identical initial weights on every rank
     m = build(args, device)
+    torch.manual_seed(args.seed + dist_env.rank)            # then each rank its own t, noise, label drops
     step, exact = 0, True
     resume = find_resume(args, ckpt_dir) if args.resume else None
     if resume:
@@ -1152,7 +1151,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--num-workers", type=int, default=4)
     a("--random-weights", action="store_true", help="random weights for every pretrained piece (no downloads)")
-    a("--smoke", action="store_true", help="tiny random-weight models on procedural images: a CPU check, not a benchmark")
+    a("--smoke", action="store_true", help="tiny random-weight models on procedural images (or on --data-dir): "
+                                           "a quick check of the pipeline, not a benchmark")
     args = p.parse_args(argv)
 
     if args.smoke:                                          # defaults of the smoke run, unless given explicitly
@@ -1163,13 +1163,14 @@ def parse_args(argv=None):
             if "--" + flag.replace("_", "-") not in given:
                 setattr(args, flag, value)
         args.random_weights = True
-    if args.data_dir and args.smoke:
-        p.error("--smoke draws its own images; drop --data-dir or --smoke")
     if args.freeze_vae and not args.stop_grad:
         p.error("--no-stop-grad sends L_DIFF into the VAE, which --freeze-vae keeps frozen; use one of them")
     if args.proj_coeff == 0 and not args.freeze_vae:
         p.error("--proj-coeff 0 leaves the projector untrained, so L_REPA cannot guide the VAE; "
                 "use it with --freeze-vae (the vanilla SiT baseline)")
+    world = int(os.environ.get("WORLD_SIZE", 1))               # set by torchrun
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} is global and not divisible by the {world} processes")
     if args.resolution % 32:
         p.error(f"--resolution {args.resolution} must be a multiple of 32 (VAE factor x SiT patch x DINOv2 grid)")
     if args.exp_name is None:

@@ -1,0 +1,393 @@
+"""Tests of the REPA-E reference implementation: CPU only, tiny shapes, random weights, no network."""
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import repae
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"), device_ids=None, ctrl=None, is_main=True)
+
+
+def smoke_args(*extra):
+    return repae.parse_args(["--smoke", *extra])
+
+
+def tiny_run(*extra, seed=0):
+    """The smoke models, optimisers and a batch, ready for repae_step."""
+    torch.manual_seed(seed)
+    args = smoke_args(*extra)
+    m = repae.wrap_distributed(repae.build(args, CPU.device), CPU)
+    repae.update_ema(m.ema, m.sit, 0.0)
+    ds = repae.SmokeImages(8, args.resolution, args.num_classes)
+    x = torch.stack([ds[i][0] for i in range(4)])
+    y = torch.tensor([ds[i][1] for i in range(4)])
+    return args, m, x, y
+
+
+def run_cli(*argv, env=None, cwd=HERE):
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+#################################################################################
+#                       Models: layout, counts, closed forms                     #
+#################################################################################
+
+def test_parameter_counts_of_full_size_models():
+    with torch.device("meta"):
+        vaes = {n: repae.vae_models[n]() for n in ("f8d4", "f16d32")}
+        sits = {n: repae.SiT_models[n]() for n in ("SiT-B/2", "SiT-XL/2")}
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(vaes["f8d4"]) == 83_653_863                 # SD-VAE ft-MSE
+    no_proj = {n: count(s) - count(s.projectors) for n, s in sits.items()}
+    # DiT-XL/2 has 675,129,632 with learn_sigma (8 output channels); SiT predicts 4: 1152*2*2*4+16 fewer
+    assert no_proj["SiT-XL/2"] == 675_129_632 - 1152 * 16 - 16
+    assert no_proj["SiT-B/2"] == 130_500_112
+    assert count(sits["SiT-XL/2"].projectors) == 1152 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 768 + 768
+
+
+def test_official_key_layout():
+    with torch.device("meta"):
+        vae = repae.vae_models["f8d4"]().state_dict()
+        vae32 = repae.vae_models["f16d32"]().state_dict()
+        sit = repae.SiT_models["SiT-XL/2"]().state_dict()
+    for k in ["encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight", "encoder.down.0.downsample.conv.weight",
+              "encoder.mid.attn_1.q.weight", "encoder.norm_out.weight", "decoder.up.3.upsample.conv.weight",
+              "decoder.up.0.block.2.conv2.weight", "quant_conv.weight", "post_quant_conv.weight"]:
+        assert k in vae, k
+    assert "encoder.down.3.downsample.conv.weight" not in vae and "decoder.up.0.upsample.conv.weight" not in vae
+    assert vae["encoder.conv_out.weight"].shape == (8, 512, 3, 3) and vae32["quant_conv.weight"].shape == (64, 64, 1, 1)
+    assert "encoder.down.4.attn.1.q.weight" in vae32 and "decoder.up.4.attn.2.proj_out.weight" in vae32
+    assert not any(".attn." in k for k in vae if ".down." in k or ".up." in k)
+    shapes = {"x_embedder.proj.weight": (1152, 4, 2, 2), "pos_embed": (1, 256, 1152),
+              "t_embedder.mlp.0.weight": (1152, 256), "y_embedder.embedding_table.weight": (1001, 1152),
+              "blocks.0.attn.qkv.weight": (3456, 1152), "blocks.0.attn.proj.weight": (1152, 1152),
+              "blocks.27.mlp.fc1.weight": (4608, 1152), "blocks.0.adaLN_modulation.1.weight": (6912, 1152),
+              "projectors.0.0.weight": (2048, 1152), "projectors.0.2.weight": (2048, 2048),
+              "projectors.0.4.weight": (768, 2048), "final_layer.linear.weight": (16, 1152),
+              "final_layer.adaLN_modulation.1.weight": (2304, 1152), "bn.running_mean": (4,), "bn.running_var": (4,),
+              "bn.num_batches_tracked": ()}
+    for k, shape in shapes.items():
+        assert tuple(sit[k].shape) == shape, k
+    assert not any("weight" in k and k.startswith("bn.") for k in sit)   # affine-free BN
+    disc = repae.NLayerDiscriminator().state_dict()
+    assert [k for k in disc if k.endswith("weight") and disc[k].dim() == 4] == \
+        ["main.0.weight", "main.2.weight", "main.5.weight", "main.8.weight", "main.11.weight"]
+    assert list(repae.LPIPS().heads.state_dict()) == [f"lin{i}.model.1.weight" for i in range(5)]
+
+
+def test_kl_and_l1_closed_forms():
+    mean, logvar = torch.full((2, 4, 3, 3), 1.0), torch.full((2, 4, 3, 3), math.log(4.0))
+    q = repae.DiagonalGaussian(torch.cat([mean, logvar], 1))
+    assert torch.allclose(q.kl(), torch.full((2,), 0.5 * (1 + 4 - 1 - math.log(4)) * 36))
+    assert torch.allclose(q.std, torch.full_like(q.std, 2.0)) and torch.equal(q.mode(), mean)
+    big = repae.DiagonalGaussian(torch.cat([mean, torch.full_like(mean, 100.0)], 1))
+    assert big.logvar.max() == 20.0                          # clamped to [-30, 20]
+    x, recon = torch.zeros(2, 3, 32, 32), torch.full((2, 3, 32, 32), 0.25)
+    lpips, disc = repae.LPIPS(), repae.NLayerDiscriminator()
+    _, parts = repae.vae_regulariser(x, recon, q, lpips, disc)
+    assert parts["l1"].item() == pytest.approx(0.25) and parts["kl"].item() == pytest.approx(q.kl().mean().item())
+    assert repae.LPIPS()(x, x).abs().max() == 0
+
+
+def test_repa_loss_and_hinge_values():
+    a = torch.randn(2, 16, 8)
+    assert repae.repa_loss([a], [a * 3.0]).item() == pytest.approx(-1.0)
+    e1, e2 = torch.zeros(2, 16, 8), torch.zeros(2, 16, 8)
+    e1[..., 0], e2[..., 1] = 1.0, 1.0
+    assert repae.repa_loss([e1], [e2]).item() == pytest.approx(0.0)
+    assert repae.repa_loss([a.half()], [a.half()]).dtype == torch.float32
+    h = lambda r, f: repae.hinge_d_loss(torch.tensor([r]), torch.tensor([f])).item()
+    assert h(2.0, -2.0) == 0.0 and h(0.0, 0.0) == 1.0 and h(-1.0, 1.0) == 2.0 and h(0.5, 0.0) == 0.75
+
+
+def test_latent_stats_round_trip_and_bn_normalises():
+    sit = repae.SiT(input_size=8, hidden_size=64, depth=2, num_heads=2, z_dims=(16,), encoder_depth=1, num_classes=10)
+    scale, bias = torch.tensor([0.18215, 0.5, 2.0, 1.0]), torch.tensor([0.1, -0.2, 0.3, 0.0])
+    sit.init_bn(scale, bias)
+    s, b = sit.latent_stats()
+    assert torch.allclose(s, scale) and torch.equal(b, bias)
+    z = torch.randn(3, 4, 8, 8)
+    assert torch.allclose(sit.eval().bn(z), (z - bias.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1), atol=1e-3)
+
+
+def test_interpolant_and_velocity_target():
+    z_n, eps, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0.0, 0.3, 1.0])
+    x_t, v = repae.noisy_input(z_n, t, eps, "linear")
+    assert torch.allclose(v, eps - z_n) and torch.allclose(x_t[0], z_n[0]) and torch.allclose(x_t[2], eps[2])
+    x_t, v = repae.noisy_input(z_n, t, eps, "cosine")
+    assert torch.allclose(x_t[2], eps[2], atol=1e-6) and torch.allclose(v[0], math.pi / 2 * eps[0])
+    t = repae.sample_t(10_000, "lognormal", "linear", "cpu")
+    assert 0 < t.min() and t.max() < 1 and abs(t.median().item() - 0.5) < 0.03   # sigma = 1 at the median
+
+
+def test_sit_forward_modes_share_the_trunk():
+    torch.manual_seed(0)
+    sit = repae.SiT(input_size=8, hidden_size=64, depth=4, num_heads=2, z_dims=(16, 8), encoder_depth=2,
+                    num_classes=10).eval()
+    for p in sit.parameters():                              # leave adaLN-Zero so that blocks do something
+        p.data.add_(torch.randn_like(p) * 0.02)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 10])
+    v, zs = sit(x, t, y)
+    none, zs_align = sit(x, t, y, mode="align")
+    v_sample, no_zs = sit(x, t, y, mode="sample")
+    assert none is None and no_zs is None and torch.equal(v, v_sample)
+    assert [z.shape for z in zs] == [(2, 16, 16), (2, 16, 8)] and all(torch.equal(a, b) for a, b in zip(zs, zs_align))
+
+
+#################################################################################
+#                 The REPA-E step: stop-gradient, BN, t and noise, EMA           #
+#################################################################################
+
+def test_vae_update_gets_grads_sit_none_and_bn_untouched():
+    args, m, x, y = tiny_run()
+    bn_before = m.sit.bn.running_mean.clone(), m.sit.bn.running_var.clone()
+    seen = {}
+
+    def at_vae_step(opt, *_):
+        seen["sit_grads"] = [p.grad for p in m.sit.parameters() if p.grad is not None]
+        seen["vae_grads"] = sum(p.grad is not None for p in m.vae.parameters())
+        seen["bn"] = m.sit.bn.running_mean.clone(), m.sit.bn.running_var.clone()
+        seen["sit_training"] = m.sit.training
+    m.opt_vae.register_step_pre_hook(at_vae_step)
+    logs = repae.repae_step(x, y, m, args)
+    assert seen["sit_grads"] == [] and seen["vae_grads"] == len(list(m.vae.parameters()))
+    assert not seen["sit_training"]
+    assert all(torch.equal(a, b) for a, b in zip(seen["bn"], bn_before))          # VAE pass: running stats kept
+    assert not torch.equal(m.sit.bn.running_mean, bn_before[0])                     # SiT pass: updated
+    assert all(p.requires_grad for p in m.sit_params) and not m.sit.pos_embed.requires_grad
+    assert {"loss_vae", "vae_l_repa", "l1", "lpips", "kl", "gan", "loss_disc", "loss_sit", "l_diff", "l_repa",
+            "grad_norm_vae", "grad_norm_disc", "grad_norm_sit", "latent_var", "latent_tv"} <= set(logs)
+    assert all(torch.isfinite(v) for v in logs.values())
+
+
+def _vae_grads(stop_grad, perturb):
+    """VAE gradients of one step; `perturb` changes only the SiT's final layer (what only L_DIFF uses)."""
+    args, m, x, y = tiny_run(*([] if stop_grad else ["--no-stop-grad"]))
+    with torch.no_grad():
+        m.sit.final_layer.linear.weight.normal_(generator=torch.Generator().manual_seed(perturb))
+    grads = {}
+    m.opt_vae.register_step_pre_hook(lambda *_: grads.update(g=[p.grad.clone() for p in m.vae.parameters()]))
+    torch.manual_seed(1)
+    repae.repae_step(x, y, m, args)
+    return grads["g"]
+
+
+def test_stop_gradient_keeps_l_diff_out_of_the_vae():
+    same = [torch.equal(a, b) for a, b in zip(_vae_grads(True, 1), _vae_grads(True, 2))]
+    assert all(same)                                        # VAE gradient does not depend on L_DIFF
+    differ = [torch.equal(a, b) for a, b in zip(_vae_grads(False, 1), _vae_grads(False, 2))]
+    assert not all(differ)                                  # --no-stop-grad: L_DIFF reaches the VAE
+
+
+def test_t_and_noise_are_reused(monkeypatch):
+    calls, original = [], repae.noisy_input
+    monkeypatch.setattr(repae, "noisy_input", lambda z_n, t, eps, path: calls.append((t, eps)) or original(z_n, t, eps, path))
+    args, m, x, y = tiny_run()
+    repae.repae_step(x, y, m, args)
+    (t1, e1), (t2, e2) = calls
+    assert torch.equal(t1, t2) and torch.equal(e1, e2)
+
+
+def test_ema_of_parameters_and_buffers():
+    args, m, x, y = tiny_run("--ema-decay", "0.9")
+    ema0 = {k: v.clone() for k, v in m.ema.state_dict().items()}
+    repae.repae_step(x, y, m, args)
+    model, ema = m.sit.state_dict(), m.ema.state_dict()
+    for k in ("bn.running_mean", "bn.running_var", "blocks.0.attn.qkv.weight"):
+        assert torch.allclose(ema[k], 0.9 * ema0[k] + 0.1 * model[k], atol=1e-6), k
+    assert ema["bn.num_batches_tracked"] == model["bn.num_batches_tracked"] == 1
+
+
+def test_frozen_vae_baselines_build_nothing_they_do_not_need():
+    args, m, x, y = tiny_run("--freeze-vae")
+    vae0 = copy.deepcopy(m.vae.state_dict())
+    logs = repae.repae_step(x, y, m, args)
+    assert not hasattr(m, "disc") and not hasattr(m, "lpips") and "loss_vae" not in logs
+    assert all(torch.equal(v, vae0[k]) for k, v in m.vae.state_dict().items())
+    args, m, x, y = tiny_run("--freeze-vae", "--proj-coeff", "0")              # vanilla SiT
+    assert m.encoders == [] and len(m.sit.projectors) == 0
+    assert repae.repae_step(x, y, m, args)["l_repa"] == 0
+
+
+#################################################################################
+#                       Weights and bad input: one clear sentence                #
+#################################################################################
+
+def test_missing_and_mismatched_weights(tmp_path):
+    with pytest.raises(SystemExit, match="--vae-ckpt"):
+        repae.build(repae.parse_args(["--vae-ckpt", str(tmp_path / "nope.pt"), "--model", "SiT-S/2"]), CPU.device)
+    torch.save(repae.AutoencoderKL(ch=32, ch_mult=(1, 2), z_channels=4, num_res_blocks=1).state_dict(), tmp_path / "v.pt")
+    with pytest.raises(SystemExit, match=r"does not match the model .*missing keys.*shape mismatches.*--vae"):
+        repae.load_state(repae.vae_models["f8d4"](), torch.load(tmp_path / "v.pt"), "--vae-ckpt", "--vae-ckpt/--vae")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="corrupt"):
+        repae.load_file(str(tmp_path / "bad.pt"), "--resume")
+
+
+def test_dinov2_offline_fails_fast_naming_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="--enc-ckpt"):
+        repae.load_encoder("dinov2-vit-b", 256)
+    with pytest.raises(SystemExit, match="--enc-ckpt"):
+        repae.load_encoder("dinov2-vit-b", 256, ckpt=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(SystemExit, match="dinov2-vit"):
+        repae.dinov2_timm_name("mocov3-vit-b")
+    assert repae.dinov2_timm_name("dinov2-vit-l-reg") == "vit_large_patch14_reg4_dinov2.lvd142m"
+
+
+def test_contradictory_flags_are_refused(monkeypatch, capsys):
+    for argv, msg in [(["--freeze-vae", "--no-stop-grad"], "--no-stop-grad"), (["--proj-coeff", "0"], "projector"),
+                      (["--resolution", "100"], "multiple of 32")]:
+        with pytest.raises(SystemExit):
+            repae.parse_args(argv)
+        assert msg in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        repae.parse_args(["--batch-size", "3"])
+    assert "not divisible" in capsys.readouterr().err
+
+
+#################################################################################
+#            Training run: DDP, exact resume, preemption, data errors            #
+#################################################################################
+
+def train(tmp_path, *extra):
+    """An in-process smoke training run; returns its run folder."""
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    repae.main(smoke_args("--output-dir", str(tmp_path), "--sample-every", "0", "--log-every", "2", *extra))
+    signal.signal(signal.SIGTERM, handlers[0])
+    signal.signal(signal.SIGINT, handlers[1])
+    return tmp_path / "smoke"
+
+
+def load_ckpt(path):
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return torch.load(path, weights_only=True)
+
+
+def assert_same(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_same(u, v, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    one = train(tmp_path / "one", "--max-train-steps", "4", "--checkpointing-steps", "4", "--max-images", "16")
+    two = train(tmp_path / "two", "--max-train-steps", "2", "--checkpointing-steps", "2", "--max-images", "16")
+    two = train(tmp_path / "two", "--max-train-steps", "4", "--checkpointing-steps", "2", "--max-images", "16",
+                "--resume", "auto")                         # 16 images, batch 8: the resume crosses an epoch
+    a, b = load_ckpt(one / "checkpoints/0000004.pt"), load_ckpt(two / "checkpoints/0000004.pt")
+    for k in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "rng", "steps"):
+        assert_same(a[k], b[k], k)
+    assert "resumed from" in (two / "log.txt").read_text()
+    metrics = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [2, 4] and {"l_diff", "img_per_s", "eta_s", "latent_tv", "bn_var"} <= set(metrics[0])
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
+    calls, step = [], repae.repae_step
+
+    def step_then_signal(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)           # as a cluster preemption would, mid-step
+        return step(*a)
+    monkeypatch.setattr(repae, "repae_step", step_then_signal)
+    run = train(tmp_path, "--max-train-steps", "100", "--checkpointing-steps", "50")
+    assert len(calls) == 3 and sorted(os.listdir(run / "checkpoints")) == ["0000003.pt"]
+    args = smoke_args("--output-dir", str(tmp_path), "--resume", "auto")
+    m = repae.build(args, CPU.device)
+    assert repae.load_checkpoint(str(run / "checkpoints/0000003.pt"), m, args, CPU) == (3, True)
+    assert "stopped by signal at step 3" in (run / "log.txt").read_text()
+
+
+def test_corrupt_checkpoint_is_detected_on_resume(tmp_path):
+    run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
+    path = run / "checkpoints/0000002.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(SystemExit, match="0000002.pt.*corrupt"):
+        train(tmp_path, "--max-train-steps", "4", "--resume", "auto")
+
+
+def make_images(folder, classes=2, per_class=4, size=(80, 70)):
+    for c in range(classes):
+        os.makedirs(folder / f"class{c}", exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", size, (40 * c, 10 * i, 90)).save(folder / f"class{c}" / f"{i}.png")
+
+
+def test_data_errors(tmp_path):
+    for setup, msg in [(lambda d: None, "is not a folder"), (lambda d: d.mkdir(), "no class sub-folders"),
+                       (lambda d: (d / "a").mkdir(parents=True), "holds no images"),
+                       (lambda d: make_images(d, 1, 3), "fewer than one global batch")]:
+        d = tmp_path / f"data{len(msg)}"
+        setup(d)
+        with pytest.raises(SystemExit, match=msg):
+            repae.main(smoke_args("--data-dir", str(d), "--output-dir", str(tmp_path)))
+    d = tmp_path / "broken"
+    make_images(d, 2, 4)
+    (d / "class1" / "bad.png").write_bytes(b"no png")
+    with pytest.raises(RuntimeError, match="bad.png"):
+        train(tmp_path, "--data-dir", str(d), "--max-train-steps", "3")
+
+
+def test_image_folder_adm_crop(tmp_path):
+    make_images(tmp_path / "d", 2, 4, size=(300, 200))
+    ds = repae.build_dataset(smoke_args("--data-dir", str(tmp_path / "d"), "--max-images", "4"))
+    x, y = ds[3]
+    assert len(ds) == 4 and x.dtype == torch.uint8 and x.shape == (3, 64, 64) and y == 1
+    assert repae.center_crop_arr(Image.new("RGB", (1000, 600)), 64).shape == (64, 64, 3)
+
+
+def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys, torch, repae\n"
+        "save = repae.save_checkpoint\n"
+        "def per_rank(path, m, args, step, d):\n"
+        "    torch.save(dict(sit=m.sit.state_dict(), vae=list(m.vae.parameters()), disc=list(m.disc.parameters()),\n"
+        "                    ema=m.ema.state_dict()), f'{path}.rank{d.rank}')\n"
+        "    save(path, m, args, step, d)\n"
+        "repae.save_checkpoint = per_rank\n"
+        "repae.main(repae.parse_args(sys.argv[1:]))\n")
+    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", str(driver), "--smoke", "--output-dir",
+                str(tmp_path), "--max-train-steps", "3", "--checkpointing-steps", "3", "--sample-every", "0",
+                env={"PYTHONPATH": HERE})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"smoke/checkpoints/0000003.pt.rank{i}", weights_only=True) for i in (0, 1))
+    assert_same(a, b)
+    assert "2 processes on cpu" in (tmp_path / "smoke/log.txt").read_text()
+
+
+def test_smoke_cli_end_to_end(tmp_path):
+    r = run_cli("repae.py", "--smoke", "--output-dir", str(tmp_path), "--max-train-steps", "4",
+                "--checkpointing-steps", "4", "--sample-every", "4", "--log-every", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "smoke"
+    assert "random weights" in r.stdout and "done: 4 steps" in r.stdout
+    assert {"0000004-samples.png", "0000004-recon.png"} <= set(os.listdir(run / "samples"))
+    assert Image.open(run / "samples/0000004-samples.png").size == (4 * 66 + 2, 4 * 66 + 2)
+    assert json.loads((run / "args.json").read_text())["smoke"] is True
+    assert load_ckpt(run / "checkpoints/0000004.pt")["steps"] == 4
