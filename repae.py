@@ -135,6 +135,12 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def res_attn(level, i, h):
+    """Block i of a resolution level, followed by its attention where the level has one."""
+    h = level.block[i](h)
+    return level.attn[i](h) if len(level.attn) else h
+
+
 def mid_block(c):
     mid = nn.Module()
     mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
@@ -163,10 +169,8 @@ class Encoder(nn.Module):
     def forward(self, x):                                   # (B, 3, H, W) -> (B, 2z, H/f, W/f)
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
+            for i in range(len(level.block)):
+                h = res_attn(level, i, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -193,13 +197,16 @@ class Decoder(nn.Module):
             self.up.insert(0, level)                        # up[0] is the full-resolution level
         self.norm_out, self.conv_out = Normalize(c), nn.Conv2d(c, 3, 3, 1, 1)
 
+    checkpointing = False                                   # --vae-checkpointing: recompute activations
+
     def forward(self, z):                                   # (B, z, h, w) -> (B, 3, h*f, w*f)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
+            for i in range(len(level.block)):
+                if self.checkpointing and torch.is_grad_enabled():
+                    h = torch.utils.checkpoint.checkpoint(res_attn, level, i, h, use_reentrant=False)
+                else:
+                    h = res_attn(level, i, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -662,12 +669,14 @@ def optimizer_step(loss, params, opt, scaler, max_norm):
 
 def repae_step(x, y, m, args):
     """x: uint8 images (B, 3, H, W), y: labels (B,). m holds the models, their DDP wrappers (m.*_ddp,
-    the module itself when not distributed), the optimisers and the grad scaler. Returns detached
+    the module itself when not distributed), the optimisers, the grad scaler and m.mark, a phase
+    timer for --benchmark (a no-op otherwise). Returns detached
     tensors: every loss and grad norm. Switches: --freeze-vae (REPA; with --proj-coeff 0, vanilla SiT)
     and --no-stop-grad (the naive end-to-end ablation, L_DIFF also reaches the VAE)."""
     amp = functools.partial(torch.autocast, x.device.type, dtype=m.amp_dtype, enabled=m.amp_dtype is not None)
     with amp():
         zs = encoder_targets(m.encoders, x)                 # 1. alignment targets, no grad
+    m.mark("dinov2")
     x_vae = x.float() / 127.5 - 1
     logs = {}
     if args.freeze_vae:
@@ -697,6 +706,7 @@ def repae_step(x, y, m, args):
         requires_grad(m.sit_params, True)
         requires_grad(m.disc.parameters(), True)
         m.sit.train()
+        m.mark("vae")
         # 4. Discriminator update: hinge loss, real and fake passes separately (batch statistics each).
         with torch.autocast(x.device.type, enabled=False):
             logits_real, logits_fake = m.disc_ddp(x_vae), m.disc_ddp(recon.detach().float())
@@ -705,6 +715,7 @@ def repae_step(x, y, m, args):
                                                 args.max_grad_norm)
         logs.update(loss_vae=loss_vae, vae_l_repa=vae_repa, **reg, loss_disc=loss_disc,
                     logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
+        m.mark("discriminator")
 
     # 5. SiT update on z.detach(): the stop-gradient that keeps L_DIFF from collapsing the latents.
     with amp():
@@ -716,6 +727,7 @@ def repae_step(x, y, m, args):
     logs["grad_norm_sit"] = optimizer_step(loss_sit, m.sit_params, m.opt, m.scaler, args.max_grad_norm)
     m.scaler.update()
     update_ema(m.ema, m.sit, args.ema_decay)                # 6. EMA of parameters and BN buffers
+    m.mark("sit")
     logs.update(loss_sit=loss_sit, l_diff=l_diff, l_repa=l_repa, **latent_diagnostics(z.detach()))
     return {k: v.detach().float() for k, v in logs.items()}
 
@@ -785,6 +797,11 @@ def build(args, device):
     use_amp = device.type == "cuda" and args.mixed_precision != "no"
     m.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision] if use_amp else None
     m.scaler = torch.amp.GradScaler(device.type, enabled=m.amp_dtype == torch.float16)
+    m.mark = lambda phase: None
+    if args.compile:                                        # in place: state_dict keys stay official
+        for module in [m.sit, m.vae.encoder, m.vae.decoder, *m.encoders] + ([] if args.freeze_vae else [m.lpips, m.disc]):
+            module.compile()
+    m.vae.decoder.checkpointing = args.vae_checkpointing
     return m
 
 
@@ -1101,6 +1118,67 @@ def main(args):
         dist.destroy_process_group()
 
 
+def export_vae(args):
+    """--export-vae CKPT: the end-to-end-tuned VAE (E2E-VAE) in the official VAE layout, and its latent
+    statistics from the EMA SiT's BN buffers, as <output-dir>/e2e-<vae>-<step>.pt and -latents-stats.pt."""
+    ckpt = load_file(args.export_vae, "--export-vae")
+    if "vae" not in ckpt or "ema" not in ckpt:
+        fail(f"'{args.export_vae}' has no 'vae' and 'ema' entries; export needs an end-to-end (REPA-E) checkpoint")
+    vae = build_vae(ckpt.get("args", args))
+    load_state(vae, ckpt["vae"], f"the VAE in '{args.export_vae}'", "--export-vae")
+    var, mean = ckpt["ema"]["bn.running_var"], ckpt["ema"]["bn.running_mean"]
+    path = os.path.join(args.output_dir, f"e2e-{getattr(ckpt.get('args'), 'vae', args.vae)}-{ckpt.get('steps', 0):07d}.pt")
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.save(vae.state_dict(), path)
+    torch.save(dict(latents_scale=var.rsqrt().view(1, -1, 1, 1), latents_bias=mean.view(1, -1, 1, 1)),
+               path.replace(".pt", "-latents-stats.pt"))
+    print(f"wrote {path} and its -latents-stats.pt; train a new SiT on it with --freeze-vae --vae-ckpt {path}")
+
+
+def benchmark(args):
+    """--benchmark N: the configured models with random weights on synthetic batches; warm-up steps,
+    then N timed REPA-E steps with a device sync at each phase boundary. Rank 0 prints the figures."""
+    dist_env = init_distributed()
+    device, local_bs, n = dist_env.device, args.batch_size // dist_env.world, args.benchmark
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    torch.manual_seed(args.seed)
+    m = wrap_distributed(build(args, device), dist_env)
+    update_ema(m.ema, m.sit, 0.0)
+    torch.manual_seed(args.seed + dist_env.rank)
+    x = torch.randint(0, 256, (local_bs, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
+    y = torch.randint(0, args.num_classes, (local_bs,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, last = {}, [0.0]
+
+    def mark(phase):
+        sync()
+        now = time.perf_counter()
+        times.setdefault(phase, []).append(now - last[0])
+        last[0] = now
+    m.mark = mark
+    warmup = 3 if args.compile else 2
+    for i in range(warmup + n):
+        if i == warmup:
+            times.clear()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        sync()
+        last[0] = time.perf_counter()
+        repae_step(x, y, m, args)
+    steps = torch.tensor([sum(ts) for ts in zip(*times.values())]) * 1000
+    if dist_env.is_main:
+        print(f"benchmark: {args.model} + {args.vae}{' (smoke sizes)' if args.smoke else ''}, {args.resolution}px, "
+              f"global batch {args.batch_size}, {dist_env.world} process(es) on {device.type}, precision "
+              f"{m.amp_dtype or torch.float32}, compile {'on' if args.compile else 'off'}, {n} timed steps")
+        print(f"step_time_ms: median {steps.median():.1f} min {steps.min():.1f} max {steps.max():.1f}")
+        print(f"images_per_s: {args.batch_size / steps.median().item() * 1000:.2f}")
+        print(f"peak_memory_gb: {peak_memory_gb(device):.2f} ({'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'})")
+        for phase, ts in times.items():
+            print(f"time_{phase}_ms: median {1000 * torch.tensor(ts).median():.1f}")
+    if dist_env.world > 1:
+        dist.destroy_process_group()
+
+
 #################################################################################
 #                                Command line                                    #
 #################################################################################
@@ -1151,6 +1229,10 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--num-workers", type=int, default=4)
     a("--random-weights", action="store_true", help="random weights for every pretrained piece (no downloads)")
+    a("--export-vae", default=None, metavar="CKPT", help="write the tuned VAE of a REPA-E checkpoint to --output-dir")
+    a("--benchmark", type=int, default=0, metavar="N", help="time N REPA-E steps on synthetic data, random weights")
+    a("--compile", action="store_true", help="torch.compile the SiT, VAE, encoder, LPIPS and discriminator")
+    a("--vae-checkpointing", action="store_true", help="recompute VAE decoder activations in backward (saves memory)")
     a("--smoke", action="store_true", help="tiny random-weight models on procedural images (or on --data-dir): "
                                            "a quick check of the pipeline, not a benchmark")
     args = p.parse_args(argv)
@@ -1162,6 +1244,7 @@ def parse_args(argv=None):
                                 exp_name="smoke").items():
             if "--" + flag.replace("_", "-") not in given:
                 setattr(args, flag, value)
+    if args.smoke or args.benchmark:
         args.random_weights = True
     if args.freeze_vae and not args.stop_grad:
         p.error("--no-stop-grad sends L_DIFF into the VAE, which --freeze-vae keeps frozen; use one of them")
@@ -1181,4 +1264,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    export_vae(args) if args.export_vae else benchmark(args) if args.benchmark else main(args)

@@ -391,3 +391,87 @@ def test_smoke_cli_end_to_end(tmp_path):
     assert Image.open(run / "samples/0000004-samples.png").size == (4 * 66 + 2, 4 * 66 + 2)
     assert json.loads((run / "args.json").read_text())["smoke"] is True
     assert load_ckpt(run / "checkpoints/0000004.pt")["steps"] == 4
+
+
+#################################################################################
+#                 Speed tooling and the E2E-VAE export                           #
+#################################################################################
+
+def test_benchmark_prints_every_figure():
+    r = run_cli("repae.py", "--benchmark", "2", "--smoke", "--batch-size", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+    median = lambda k: float(lines[k].split()[1])
+    phases = [median(f"time_{p}_ms") for p in ("dinov2", "vae", "discriminator", "sit")]
+    assert all(v > 0 for v in phases) and float(lines["images_per_s"]) > 0
+    assert abs(sum(phases) - median("step_time_ms")) < 0.2 * median("step_time_ms")
+    assert float(lines["peak_memory_gb"].split()[0]) > 0 and "2 timed steps" in lines["benchmark"]
+
+
+def test_compiled_step_matches_eager(monkeypatch):
+    """--compile's graph capture (dynamo + AOT autograd) gives the eager losses. The CPU code generator
+    (inductor) takes minutes to build on two cores, so the test compiles with the aot_eager backend."""
+    torch._dynamo.reset()
+    args, m, x, y = tiny_run(seed=3)
+    torch.manual_seed(7)
+    eager = repae.repae_step(x, y, m, args)
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_(self, backend="aot_eager"))
+    args, m, x, y = tiny_run("--compile", seed=3)
+    torch.manual_seed(7)
+    compiled = repae.repae_step(x, y, m, args)
+    for k in eager:
+        assert torch.allclose(eager[k], compiled[k], rtol=1e-4, atol=1e-5), k
+    torch._dynamo.reset()
+
+
+def test_vae_checkpointing_gives_the_same_gradients():
+    vae = repae.AutoencoderKL(**repae.SMOKE["vae"])
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for on in (False, True):
+        vae.zero_grad()
+        vae.decoder.checkpointing = on
+        vae.decode(vae.encode(x).mode()).square().mean().backward()
+        grads.append([p.grad.clone() for p in vae.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_export_vae_round_trip(tmp_path):
+    torch.manual_seed(0)
+    vae = repae.vae_models["f8d4"]()
+    sit = repae.SiT_models["SiT-S/2"](input_size=8, z_dims=(16,), encoder_depth=2)
+    sit.init_bn(torch.tensor([0.18215, 0.2, 0.3, 0.4]), torch.tensor([0.1, 0.0, -0.1, 0.2]))
+    official = dict(model=sit.state_dict(), ema=sit.state_dict(), vae=vae.state_dict(), steps=400_000,
+                    args=argparse.Namespace(vae="f8d4", model="SiT-S/2"))        # released REPA-E layout
+    torch.save(official, tmp_path / "0400000.pt")
+    r = run_cli("repae.py", "--export-vae", str(tmp_path / "0400000.pt"), "--output-dir", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    fresh = repae.vae_models["f8d4"]()
+    fresh.load_state_dict(torch.load(tmp_path / "out/e2e-f8d4-0400000.pt", weights_only=True), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), vae.state_dict().values()))
+    scale, bias = repae.load_latent_stats(str(tmp_path / "out/e2e-f8d4-0400000-latents-stats.pt"))
+    assert torch.equal(scale, sit.bn.running_var.rsqrt()) and torch.equal(bias, sit.bn.running_mean)
+    del official["vae"]
+    torch.save(official, tmp_path / "ldm.pt")
+    r = run_cli("repae.py", "--export-vae", str(tmp_path / "ldm.pt"))
+    assert r.returncode != 0 and "end-to-end" in r.stderr
+
+
+def test_frozen_training_on_an_exported_vae(tmp_path, monkeypatch):
+    run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
+    r = run_cli("repae.py", "--export-vae", str(run / "checkpoints/0000002.pt"), "--output-dir", str(tmp_path / "e2e"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    vae_path = tmp_path / "e2e/e2e-f8d4-0000002.pt"
+    scale, bias = repae.load_latent_stats(str(vae_path).replace(".pt", "-latents-stats.pt"))
+    args = smoke_args("--freeze-vae", "--vae-ckpt", str(vae_path))
+    args.random_weights = False                             # load the exported VAE and its stats ...
+    load_encoder = repae.load_encoder                       # ... but keep DINOv2 random (offline)
+    monkeypatch.setattr(repae, "load_encoder", lambda enc, res, ckpt, random, **k: load_encoder(enc, res, None, True, **k))
+    m = repae.wrap_distributed(repae.build(args, CPU.device), CPU)
+    assert torch.allclose(m.sit.latent_stats()[0], scale) and torch.equal(m.sit.latent_stats()[1], bias)
+    exported = torch.load(vae_path, weights_only=True)
+    x, y = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8), torch.arange(4)
+    repae.repae_step(x, y, m, args)
+    assert all(torch.equal(v, exported[k]) for k, v in m.vae.state_dict().items())
+    assert not hasattr(m, "disc") and not hasattr(m, "lpips") and not hasattr(m, "opt_vae")
