@@ -718,8 +718,10 @@ def repae_step(x, y, m, args):
         m.mark("discriminator")
 
     # 5. SiT update on z.detach(): the stop-gradient that keeps L_DIFF from collapsing the latents.
+    # BN: batch statistics; with a frozen VAE the fixed latent statistics, as LDM-only training does.
+    m.sit.bn.train(not args.freeze_vae)
     with amp():
-        x_t, v = noisy_input(m.sit.bn(z.detach()), t, eps, args.path_type)   # train-mode BN: batch stats
+        x_t, v = noisy_input(m.sit.bn(z.detach()), t, eps, args.path_type)
         v_pred, zs_tilde = m.sit_ddp(x_t, t, y)
         l_diff = diffusion_loss(v_pred, v)
         l_repa = repa_loss(zs_tilde, zs) if zs else torch.zeros((), device=x.device)
@@ -928,11 +930,10 @@ def save_checkpoint(path, m, args, step, dist_env):
         dist.all_gather_object(rngs, rng_state(dist_env.device), group=dist_env.ctrl)
     if not dist_env.is_main:
         return
-    ckpt = dict(model=m.sit.state_dict(), ema=m.ema.state_dict(), opt=m.opt.state_dict(), args=args, steps=step,
-                rng=rngs, scaler=m.scaler.state_dict())
+    ckpt = dict(model=m.sit.state_dict(), ema=m.ema.state_dict(), vae=m.vae.state_dict(), opt=m.opt.state_dict(),
+                args=args, steps=step, rng=rngs, scaler=m.scaler.state_dict())
     if not args.freeze_vae:
-        ckpt.update(vae=m.vae.state_dict(), discriminator=m.disc.state_dict(), opt_vae=m.opt_vae.state_dict(),
-                    opt_disc=m.opt_disc.state_dict())
+        ckpt.update(discriminator=m.disc.state_dict(), opt_vae=m.opt_vae.state_dict(), opt_disc=m.opt_disc.state_dict())
     tmp = f"{path}.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)                                   # a crash mid-write never leaves a truncated latest
@@ -947,15 +948,15 @@ def find_resume(args, ckpt_dir):
 
 def load_checkpoint(path, m, args, dist_env):
     ckpt = load_file(path, "--resume")
-    missing = [k for k in ("model", "ema", "opt", "steps") + (() if args.freeze_vae else ("vae", "discriminator"))
+    missing = [k for k in ("model", "ema", "vae", "opt", "steps") + (() if args.freeze_vae else ("discriminator",))
                if k not in ckpt]
     if missing:
         fail(f"'{path}' lacks {missing}; it is not a training checkpoint of this configuration")
     load_state(m.sit, ckpt["model"], f"the SiT in '{path}'", "--resume/--model")
     load_state(m.ema, ckpt["ema"], f"the EMA SiT in '{path}'", "--resume/--model")
     m.opt.load_state_dict(ckpt["opt"])
+    load_state(m.vae, ckpt["vae"], f"the VAE in '{path}'", "--resume/--vae")
     if not args.freeze_vae:
-        load_state(m.vae, ckpt["vae"], f"the VAE in '{path}'", "--resume/--vae")
         load_state(m.disc, ckpt["discriminator"], f"the discriminator in '{path}'", "--resume")
         m.opt_vae.load_state_dict(ckpt["opt_vae"])
         m.opt_disc.load_state_dict(ckpt["opt_disc"])
@@ -1061,11 +1062,14 @@ def main(args):
     t0, t_log, step_log = time.time(), time.time(), step
     epoch, start = divmod(step, steps_per_epoch)
 
-    def check_finite():
-        if bad_step.item() >= 0:
+    def check_finite():                                     # collective: every rank stops together
+        first = bad_step.clone()
+        if dist_env.world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+        if first.item() >= 0:
             names = [f"{k}={v}" for k, v in zip(keys, bad_vals.tolist()) if not math.isfinite(v)]
-            fail(f"non-finite loss or gradient at step {int(bad_step)}: {', '.join(names)}; the last good "
-                 f"checkpoint is kept in {ckpt_dir}, lower the learning rate or resume from it")
+            fail(f"non-finite loss or gradient at step {int(first)}: {', '.join(names) or 'on another rank'}; "
+                 f"the last good checkpoint is kept in {ckpt_dir}, lower the learning rate or resume from it")
 
     def checkpoint():
         check_finite()

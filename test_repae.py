@@ -1,6 +1,7 @@
 """Tests of the REPA-E reference implementation: CPU only, tiny shapes, random weights, no network."""
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -9,11 +10,14 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
 import repae
+import sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"), device_ids=None, ctrl=None, is_main=True)
@@ -216,6 +220,7 @@ def test_frozen_vae_baselines_build_nothing_they_do_not_need():
     logs = repae.repae_step(x, y, m, args)
     assert not hasattr(m, "disc") and not hasattr(m, "lpips") and "loss_vae" not in logs
     assert all(torch.equal(v, vae0[k]) for k, v in m.vae.state_dict().items())
+    assert torch.equal(m.sit.bn.running_var, torch.ones(4)) and m.sit.bn.num_batches_tracked == 0   # fixed stats
     args, m, x, y = tiny_run("--freeze-vae", "--proj-coeff", "0")              # vanilla SiT
     assert m.encoders == [] and len(m.sit.projectors) == 0
     assert repae.repae_step(x, y, m, args)["l_repa"] == 0
@@ -329,6 +334,20 @@ def test_corrupt_checkpoint_is_detected_on_resume(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(SystemExit, match="0000002.pt.*corrupt"):
         train(tmp_path, "--max-train-steps", "4", "--resume", "auto")
+
+
+def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path, monkeypatch):
+    step = repae.repae_step
+    calls = []
+
+    def nan_at_step_3(*a):
+        logs = step(*a)
+        calls.append(1)
+        return {**logs, "l_diff": logs["l_diff"] * float("nan")} if len(calls) == 3 else logs
+    monkeypatch.setattr(repae, "repae_step", nan_at_step_3)
+    with pytest.raises(SystemExit, match=r"non-finite loss or gradient at step 3: l_diff=nan"):
+        train(tmp_path, "--max-train-steps", "6", "--checkpointing-steps", "2", "--log-every", "5")
+    assert sorted(os.listdir(tmp_path / "smoke/checkpoints")) == ["0000002.pt"]
 
 
 def make_images(folder, classes=2, per_class=4, size=(80, 70)):
@@ -475,3 +494,297 @@ def test_frozen_training_on_an_exported_vae(tmp_path, monkeypatch):
     repae.repae_step(x, y, m, args)
     assert all(torch.equal(v, exported[k]) for k, v in m.vae.state_dict().items())
     assert not hasattr(m, "disc") and not hasattr(m, "lpips") and not hasattr(m, "opt_vae")
+
+
+#################################################################################
+#     sample.py: samplers on a closed-form toy, per-sample seeds, checkpoints    #
+#################################################################################
+class _SampleGaussianModel(nn.Module):
+    """Exact velocity E[eps - x0 | x_t] for data x0 ~ N(mu_y, s^2) per element, x_t = (1-t) x0 + t eps:
+    v = -mu + (t - a s^2) / (a^2 s^2 + t^2) (x_t - a mu), a = 1 - t. The null label has mean `null_mu`.
+    Records (t, labels) of every call."""
+    def __init__(self, mus, s, null_mu=0.0):
+        super().__init__()
+        self.mus = torch.tensor(list(mus) + [null_mu], dtype=torch.float64)
+        self.s, self.num_classes, self.calls = s, len(mus), []
+
+    def forward(self, x, t, y, mode="train"):
+        assert mode == "sample" and x.dtype == torch.float32
+        self.calls.append((t[0].item(), y.clone()))
+        t, x, mu = t.double().view(-1, 1, 1, 1), x.double(), self.mus[y].view(-1, 1, 1, 1)
+        a, s2 = 1 - t, self.s ** 2
+        return (-mu + (t - a * s2) / (a * a * s2 + t * t) * (x - a * mu)).float(), None
+
+
+def _sample_null_times(model):
+    return sorted({round(t, 9) for t, y in model.calls if (y == model.num_classes).any()})
+
+
+def test_sample_ode_transports_noise_to_the_data_gaussian():
+    # the exact flow of N(0,1) -> N(mu, s^2) under the linear path is x1 -> mu + s x1: Euler converges to it
+    model = _SampleGaussianModel([1.5], 0.5)
+    noise = torch.randn(2048, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(2048, dtype=torch.long)
+    exact = 1.5 + 0.5 * noise.double()
+    euler = {n: (sample.euler_sampler(model, noise, y, num_steps=n) - exact).abs().max().item() for n in (50, 200)}
+    heun = {n: (sample.euler_sampler(model, noise, y, num_steps=n, heun=True) - exact).abs().max().item()
+            for n in (50, 200)}
+    assert euler[200] < 0.02 and 3 < euler[50] / euler[200] < 5, euler          # first order
+    assert heun[200] < 1e-4 and 12 < heun[50] / heun[200] < 20, heun            # second order
+
+
+def test_sample_sde_reaches_the_data_mean_and_variance():
+    # The reference stops the SDE at t = 0.04 and takes one noiseless step to 0. From the exact marginal
+    # N(a mu, V) at t = 0.04 (a = 0.96, V = a^2 s^2 + t^2) that step gives mean mu and std (1 - t k) sqrt(V),
+    # k = (2t - a s^2) / V: 0.49495 for s = 0.5, the limit as the steps grow.
+    model, y, t, a, s2 = _SampleGaussianModel([-1.0], 0.5), torch.zeros(8192, dtype=torch.long), 0.04, 0.96, 0.25
+    limit = (1 - t * (2 * t - a * s2) / (a * a * s2 + t * t)) * (a * a * s2 + t * t) ** 0.5
+    stats = {}
+    for n in (3, 250):
+        torch.manual_seed(0)
+        x = sample.euler_maruyama_sampler(model, torch.randn(8192, 1, 2, 2), y, num_steps=n)
+        stats[n] = (x.mean().item(), x.std().item())
+    assert abs(stats[250][0] + 1.0) < 0.01 and abs(stats[250][1] - limit) < 0.006, stats   # SE ~0.003
+    assert abs(stats[3][1] - limit) > 0.1, stats
+
+
+def _sample_reference_sde(model, noise, y, num_steps, cfg_scale, low, high):
+    """The reference's Euler-Maruyama loop, restated step by step (global RNG, randn_like before the call)."""
+    ts = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    x = noise.double()
+    for i in range(num_steps):
+        t_cur, t_next = ts[i], ts[i + 1]
+        cfg = cfg_scale > 1 and low <= t_cur <= high
+        xi, yi = (torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])) if cfg else (x, y)
+        tt = torch.ones(xi.shape[0], dtype=torch.float64) * t_cur
+        deps = torch.randn_like(x) * torch.sqrt(torch.abs(t_next - t_cur)) if i < num_steps - 1 else None
+        v = model(xi.float(), tt.float(), yi, mode="sample")[0].double()
+        t4 = tt.view(-1, 1, 1, 1)
+        score = ((1 - t4) / -1 * v - xi) / (t4 ** 2 - (1 - t4) / -1 * t4)
+        d = v - 0.5 * 2 * t_cur * score
+        if cfg:
+            dc, du = d.chunk(2)
+            d = du + cfg_scale * (dc - du)
+        x = x + d * (t_next - t_cur) + (torch.sqrt(2 * t_cur) * deps if deps is not None else 0)
+    return x
+
+
+def _sample_reference_heun(model, noise, y, num_steps, cfg_scale, low, high):
+    """The reference's Euler/Heun loop: the corrector is guided iff the predictor's t_cur is in the interval."""
+    ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    x = noise.double()
+
+    def vel(x_, t_, cfg):
+        xi, yi = (torch.cat([x_, x_]), torch.cat([y, torch.full_like(y, model.num_classes)])) if cfg else (x_, y)
+        v = model(xi.float(), torch.full((xi.shape[0],), float(t_)), yi, mode="sample")[0].double()
+        return v.chunk(2)[1] + cfg_scale * (v.chunk(2)[0] - v.chunk(2)[1]) if cfg else v
+
+    for i in range(num_steps):
+        t_cur, t_next = ts[i], ts[i + 1]
+        cfg = cfg_scale > 1 and low <= t_cur <= high
+        d = vel(x, t_cur, cfg)
+        x_next = x + (t_next - t_cur) * d
+        if i < num_steps - 1:
+            x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * vel(x_next, t_next, cfg))
+        x = x_next
+    return x
+
+
+def test_sample_samplers_match_the_reference_loops():
+    model = _SampleGaussianModel([1.0, -2.0], 0.7)
+    noise = torch.randn(6, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    torch.manual_seed(3)
+    ours = sample.euler_maruyama_sampler(model, noise, y, num_steps=12, cfg_scale=2.5, guidance_low=0.2,
+                                         guidance_high=0.7)
+    torch.manual_seed(3)
+    ref = _sample_reference_sde(model, noise, y, 12, 2.5, 0.2, 0.7)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    # [0.45, 1]: at t_cur = 0.5 the predictor is guided and t_next = 0.4 is outside: the corrector must be too
+    ours = sample.euler_sampler(model, noise, y, num_steps=10, cfg_scale=3.0, guidance_low=0.45, heun=True)
+    ref = _sample_reference_heun(model, noise, y, 10, 3.0, 0.45, 1.0)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_cfg_scale_one_is_the_unguided_sampler():
+    model, noise, y = _SampleGaussianModel([1.0, -1.0], 0.5), torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 1, 0])
+    x = noise.double()
+    for t_cur, t_next in zip(torch.linspace(1, 0, 9, dtype=torch.float64).tolist()[:-1],
+                             torch.linspace(1, 0, 9, dtype=torch.float64).tolist()[1:]):
+        x = x + (t_next - t_cur) * model(x.float(), torch.full((4,), t_cur), y, mode="sample")[0].double()
+    model.calls.clear()
+    assert torch.equal(sample.euler_sampler(model, noise, y, num_steps=8, cfg_scale=1.0), x)
+    torch.manual_seed(0)
+    sample.euler_maruyama_sampler(model, noise, y, num_steps=8, cfg_scale=1.0)
+    assert _sample_null_times(model) == []                  # no unconditional pass at all
+
+
+@pytest.mark.parametrize("mode", ["ode", "sde"])
+def test_sample_guidance_applies_only_inside_the_interval(mode):
+    model = _SampleGaussianModel([1.0, -1.0], 0.5, null_mu=3.0)
+    noise, y = torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 1, 0])
+
+    def run(**cfg):
+        torch.manual_seed(0)
+        model.calls.clear()
+        fn = sample.euler_sampler if mode == "ode" else sample.euler_maruyama_sampler
+        return fn(model, noise, y, num_steps=10, **cfg)
+
+    unguided = run()
+    assert torch.equal(run(cfg_scale=3.0, guidance_low=0.93, guidance_high=0.97), unguided)   # no step inside
+    assert _sample_null_times(model) == []
+    guided = run(cfg_scale=3.0, guidance_low=0.0, guidance_high=0.5)
+    times = sorted({round(t, 9) for t, _ in model.calls})
+    assert _sample_null_times(model) == [t for t in times if t <= 0.5] and len(_sample_null_times(model)) < len(times)
+    assert not torch.allclose(guided, unguided)
+
+
+def test_sample_inputs_and_sde_noise_do_not_depend_on_the_batch():
+    shape = (1, 2, 2)
+    noise, y, gens = sample.draw_inputs(range(6), 7, shape, 5)
+    parts = [sample.draw_inputs(range(a, b), 7, shape, 5) for a, b in ((0, 2), (2, 6))]
+    assert torch.equal(noise, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+    assert not torch.equal(noise, sample.draw_inputs(range(6), 8, shape, 5)[0])
+    model = _SampleGaussianModel([0.0, 1.0, 2.0, 3.0, 4.0], 0.5)
+    whole = sample.euler_maruyama_sampler(model, noise, y, num_steps=6, generators=gens)
+    split = torch.cat([sample.euler_maruyama_sampler(model, p[0], p[1], num_steps=6, generators=p[2]) for p in parts])
+    assert torch.equal(whole, split)
+
+
+def test_sample_balanced_labels():
+    args = sample.parse_args(["--ckpt", "x", "--balanced", "--num-fid-samples", "20"])
+    labels = sample.label_schedule(args, 5)
+    assert labels.bincount().tolist() == [4] * 5 and not torch.equal(labels, labels.sort().values)
+    with pytest.raises(SystemExit, match="divisible"):
+        sample.label_schedule(args, 6)
+
+
+# ------------------------------------------------------------- checkpoints, folders, processes
+
+def _sample_tiny(tmp_path, frozen=False):
+    """A smoke-size training checkpoint with random (non-trivial) weights; with frozen=True no `vae`
+    entry and the VAE in its own file, named by the run's vae_ckpt."""
+    torch.manual_seed(0)
+    args = repae.parse_args(["--smoke"])
+    vae = repae.build_vae(args)
+    sit = repae.build_sit(args, [64], vae)
+    with torch.no_grad():
+        for name, p in sit.named_parameters():
+            if name != "pos_embed":                         # adaLN-Zero starts at v = 0: make it a real field
+                p.add_(torch.randn_like(p) * 0.05)
+        sit.bn.running_mean.normal_(0, 0.3)
+        sit.bn.running_var.uniform_(0.5, 2.0)
+    ckpt = dict(model=sit.state_dict(), ema=sit.state_dict(), args=args, steps=20)
+    if frozen:
+        args.freeze_vae, args.vae_ckpt = True, str(tmp_path / "vae.pt")
+        torch.save(vae.state_dict(), args.vae_ckpt)
+    else:
+        ckpt["vae"] = vae.state_dict()
+    path = tmp_path / ("frozen.pt" if frozen else "e2e.pt")
+    torch.save(ckpt, path)
+    return str(path), sit, vae
+
+
+def _sample_run(ckpt, out, *flags):
+    sample.main(sample.parse_args(["--ckpt", ckpt, "--sample-dir", str(out), "--num-fid-samples", "6",
+                                   "--pproc-batch-size", "4", "--num-steps", "4", "--cfg-scale", "2",
+                                   "--guidance-high", "0.7", *flags]))
+    return np.load(f"{out}.npz")["arr_0"]
+
+
+def test_sample_folder_npz_and_resume_regenerates_exactly_the_missing_pngs(tmp_path):
+    ckpt, _, _ = _sample_tiny(tmp_path)
+    out = tmp_path / "s"
+    arr = _sample_run(ckpt, out)
+    assert arr.shape == (6, 64, 64, 3) and arr.dtype == np.uint8 and len({a.tobytes() for a in arr}) == 6
+    names = [f"{i:06d}.png" for i in range(6)]
+    data = {n: (out / n).read_bytes() for n in names}
+    mtimes = {n: (out / n).stat().st_mtime_ns for n in names}
+    for n in (names[1], names[4]):
+        (out / n).unlink()
+    os.remove(f"{out}.npz")
+    again = _sample_run(ckpt, out)
+    assert all((out / n).read_bytes() == data[n] for n in names) and np.array_equal(again, arr)
+    assert all((out / n).stat().st_mtime_ns == mtimes[n] for n in names if n not in (names[1], names[4]))
+    with pytest.raises(SystemExit, match="other settings"):      # never mix samples of two settings
+        _sample_run(ckpt, out, "--global-seed", "1")
+
+
+def test_sample_one_and_two_processes_give_identical_npz(tmp_path):
+    # batches are fixed index ranges drawn from per-sample seeds, so 2 processes (gloo) redraw the same
+    # floats as 1; both single-threaded, as torchrun sets OMP_NUM_THREADS=1 for its workers
+    ckpt, _, _ = _sample_tiny(tmp_path)
+    flags = ["--ckpt", ckpt, "--num-fid-samples", "6", "--pproc-batch-size", "2", "--num-steps", "4",
+             "--cfg-scale", "2", "--guidance-high", "0.7"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sample.main(sample.parse_args(flags + ["--sample-dir", str(tmp_path / "one")]))
+    finally:
+        torch.set_num_threads(threads)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "sample.py", *flags, "--sample-dir", str(tmp_path / "two")], cwd=HERE,
+                       env=dict(env, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and "with 2 process(es)" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    one, two = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
+    assert one.shape == (6, 64, 64, 3) and np.array_equal(one, two)
+
+
+def test_sample_frozen_vae_checkpoint_equals_the_end_to_end_layout(tmp_path):
+    e2e, _, _ = _sample_tiny(tmp_path)
+    frozen, _, _ = _sample_tiny(tmp_path, frozen=True)     # same seed: the same SiT, BN stats and VAE
+    ref = _sample_run(e2e, tmp_path / "e2e")
+    assert np.array_equal(_sample_run(frozen, tmp_path / "from_args"), ref)             # run's vae_ckpt
+    os.rename(tmp_path / "vae.pt", tmp_path / "moved.pt")
+    assert np.array_equal(_sample_run(frozen, tmp_path / "from_flag", "--vae-ckpt", str(tmp_path / "moved.pt")), ref)
+    with pytest.raises(SystemExit, match="holds no VAE.*--vae-ckpt"):
+        _sample_run(frozen, tmp_path / "none")
+    # a fixed statistics file replaces the EMA BatchNorm buffers (checkpoints that normalised with one)
+    stats = dict(latents_scale=torch.full((1, 4, 1, 1), 3.0), latents_bias=torch.zeros(1, 4, 1, 1))
+    torch.save(stats, tmp_path / "st.pt")
+    assert not np.array_equal(_sample_run(e2e, tmp_path / "stats", "--latents-stats", str(tmp_path / "st.pt")), ref)
+
+
+def test_sample_official_repae_checkpoint_layout(tmp_path, monkeypatch):
+    # Released checkpoints: official train_repae.py args (no `smoke`), SiT `ema` + tuned `vae` in one file.
+    # The registries are shrunk so the real-name path (SiT-XL/2, f8d4) runs at smoke size.
+    monkeypatch.setitem(repae.SiT_models, "SiT-XL/2", functools.partial(repae.SiT, depth=8, hidden_size=32, num_heads=2,
+                                                                         patch_size=2, projector_dim=64))
+    monkeypatch.setitem(repae.vae_models, "f8d4", lambda: repae.AutoencoderKL(**repae.SMOKE["vae"]))
+    official = argparse.Namespace(model="SiT-XL/2", vae="f8d4", resolution=64, num_classes=10, encoder_depth=8,
+                                  cfg_prob=0.1, bn_momentum=0.1, qk_norm=False, fused_attn=True,
+                                  enc_type="dinov2-vit-b",
+                                  path_type="linear", vae_ckpt="pretrained/sdvae-f8d4/sdvae-f8d4.pt", proj_coeff=0.5)
+    torch.manual_seed(0)
+    vae = repae.build_vae(official)
+    sit = repae.build_sit(official, [768], vae)             # DINOv2-B width, read back from projectors.0.4.weight
+    with torch.no_grad():
+        for p in sit.final_layer.parameters():
+            p.normal_(0, 0.05)
+    torch.save(dict(model=sit.state_dict(), ema=sit.state_dict(), vae=vae.state_dict(), discriminator={}, opt={},
+                    opt_vae={}, opt_disc={}, args=official, steps=400_000), tmp_path / "0400000.pt")
+    arr = _sample_run(str(tmp_path / "0400000.pt"), tmp_path / "off", "--mode", "ode")
+    assert arr.shape == (6, 64, 64, 3) and len({a.tobytes() for a in arr}) == 6
+    with pytest.raises(SystemExit, match="does not match"):                    # a mismatch names itself
+        _sample_run(str(tmp_path / "0400000.pt"), tmp_path / "bad", "--num-classes", "7")
+
+
+def test_sample_grid_and_refusals(tmp_path):
+    ckpt, _, _ = _sample_tiny(tmp_path)
+    args = lambda labels: sample.parse_args(["--ckpt", ckpt, "--grid", "--class-labels", labels, "--num-steps", "4",
+                                             "--mode", "ode", "--sample-dir", str(tmp_path / labels)])
+    sample.main(args("1,3,5"))
+    sample.main(args("1,4,5"))
+    a, b = (np.asarray(Image.open(tmp_path / f"{s}.png")) for s in ("1,3,5", "1,4,5"))
+    assert a.shape == (134, 134, 3)                         # 2 x 2 tiles of 64 px, padding 2
+    # tile k depends on its own label and seed only: changing label 1 changes tile 1, not tile 0
+    assert np.array_equal(a[2:66, 2:66], b[2:66, 2:66]) and not np.array_equal(a[2:66, 68:132], b[2:66, 68:132])
+    with pytest.raises(SystemExit, match="lie in"):
+        sample.main(args("1,10"))
+    no_ema = tmp_path / "no_ema.pt"
+    torch.save(dict(model=torch.load(ckpt, weights_only=False)["model"]), no_ema)
+    with pytest.raises(SystemExit, match="no 'ema'"):
+        _sample_run(str(no_ema), tmp_path / "x")
