@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,9 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
+from torchvision.models.inception import Inception3
 
+import fid
 import repae
 import sample
 
@@ -497,6 +500,44 @@ def test_frozen_training_on_an_exported_vae(tmp_path, monkeypatch):
 
 
 #################################################################################
+#              README: every command parses, every line anchor holds             #
+#################################################################################
+
+def readme_commands():
+    """(script, argv) of every repae.py / sample.py / fid.py call in the README's bash blocks."""
+    import re
+    import shlex
+    text = open(os.path.join(HERE, "README.md")).read()
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part.split("#")[0]) if not part.strip().startswith("#") else []
+                for i, w in enumerate(words):
+                    if w in ("repae.py", "sample.py", "fid.py"):
+                        yield w, words[i + 1:]
+
+
+def test_readme_commands_match_the_argument_parsers(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    parsers = {"repae.py": repae.parse_args, "sample.py": sample.parse_args, "fid.py": fid.parse_args}
+    seen = {name: 0 for name in parsers}
+    for script, argv in readme_commands():
+        parsers[script](argv)                               # exits with the parser's message on a bad flag
+        seen[script] += 1
+    assert seen["repae.py"] >= 10 and seen["sample.py"] >= 3 and seen["fid.py"] >= 1
+
+
+def test_readme_line_anchors_point_at_their_code():
+    import re
+    lines = open(os.path.join(HERE, "repae.py")).read().splitlines()
+    anchors = re.findall(r"repae\.py:(\d+)(?:-(\d+))? \(`([^`]+)`\)", open(os.path.join(HERE, "README.md")).read())
+    assert len(anchors) >= 8
+    for a, b, marker in anchors:
+        span = lines[int(a) - 1:int(b or a)]
+        assert len(span) <= 70 and any(marker in line for line in span), (a, b, marker)
+
+
+#################################################################################
 #     sample.py: samplers on a closed-form toy, per-sample seeds, checkpoints    #
 #################################################################################
 class _SampleGaussianModel(nn.Module):
@@ -788,3 +829,256 @@ def test_sample_grid_and_refusals(tmp_path):
     torch.save(dict(model=torch.load(ckpt, weights_only=False)["model"]), no_ema)
     with pytest.raises(SystemExit, match="no 'ema'"):
         _sample_run(str(no_ema), tmp_path / "x")
+
+
+#################################################################################
+#        fid.py: metric definitions, the Inception port, input checks, CLI       #
+#################################################################################
+@functools.lru_cache(maxsize=1)
+def _fid_random_net():
+    # Default conv init shrinks activations to ~1e-8 over Inception's depth, which would make
+    # "identical features" trivially true; He init keeps them O(1).
+    torch.manual_seed(0)
+    net = fid.InceptionFID().eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return net
+
+
+@pytest.fixture(scope="module")
+def _fid_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fid") / "random_inception.pth"  # ~95 MB, written once
+    torch.save(_fid_random_net().state_dict(), path)
+    return path
+
+
+def _fid_images(n, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _fid_cli(*args):
+    cmd = [sys.executable, os.path.join(HERE, "fid.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
+
+
+def _fid_write_stats(path, dim, seed):
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((16, dim))
+    np.savez(path, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), mu_s=feats.mean(0)[:3],
+             sigma_s=np.cov(feats[:, :3], rowvar=False), pool=feats)
+    return path
+
+# ---------------------------------------------------------------- Frechet distance
+
+def test_fid_frechet_zero_for_identical_and_symmetric():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((50, 8)), rng.standard_normal((50, 8)) * 2 + 1
+    s = (a.mean(0), np.cov(a, rowvar=False))
+    t = (b.mean(0), np.cov(b, rowvar=False))
+    assert abs(fid.frechet_distance(*s, *s)) < 1e-9
+    d1, d2 = fid.frechet_distance(*s, *t), fid.frechet_distance(*t, *s)
+    assert d1 > 1 and d1 == pytest.approx(d2, rel=1e-9)
+
+
+def test_fid_frechet_matches_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(1)
+    m1, m2 = rng.standard_normal(6), rng.standard_normal(6)
+    v1, v2 = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    expected = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    assert fid.frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
+def test_fid_frechet_near_singular_is_finite():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((4, 32)), rng.standard_normal((4, 32))  # rank-3 covariances in 32-d
+    d = fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert np.isfinite(d) and d > 0
+    assert np.isfinite(fid.frechet_distance(np.zeros(4), np.zeros((4, 4)), np.ones(4), np.zeros((4, 4))))
+
+
+def test_fid_frechet_rejects_mismatched_dimensions():
+    with pytest.raises(ValueError, match="differ in dimension"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+# ---------------------------------------------------------------- Inception score
+
+def test_fid_inception_score_one_for_identical_predictions():
+    p = np.random.default_rng(3).dirichlet(np.ones(10))
+    assert fid.inception_score(np.tile(p, (40, 1))) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_fid_inception_score_k_for_k_confident_equally_likely_classes():
+    k = 7
+    probs = np.tile(np.eye(k), (10, 1))  # every split of 7 rows holds each class once
+    assert fid.inception_score(probs, splits=10) == pytest.approx(k, rel=1e-12)
+
+# ---------------------------------------------------------------- precision / recall
+
+def test_fid_precision_recall_identical_sets_give_one():
+    x = np.random.default_rng(4).standard_normal((40, 16))
+    assert fid.precision_recall(x, x.copy(), k=3) == (1.0, 1.0)
+
+
+def test_fid_precision_recall_fall_for_disjoint_sets():
+    rng = np.random.default_rng(5)
+    real, fake = rng.standard_normal((40, 16)), rng.standard_normal((30, 16)) + 100
+    assert fid.precision_recall(real, fake, k=3) == (0.0, 0.0)
+
+
+def test_fid_precision_recall_chunking_matches_brute_force():
+    rng = np.random.default_rng(6)
+    real, fake = rng.standard_normal((37, 5)), rng.standard_normal((29, 5)) + 0.5
+    d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)
+    r_real, r_fake = np.sort(d(real, real), 1)[:, 3], np.sort(d(fake, fake), 1)[:, 3]
+    precision = (d(fake, real) <= r_real[None]).any(1).mean()
+    recall = (d(real, fake) <= r_fake[None]).any(1).mean()
+    assert 0 < precision < 1 and 0 < recall < 1
+    for chunk in (2, 7, 10000):
+        got = fid.precision_recall(real, fake, k=3, chunk=chunk)
+        assert got == pytest.approx((precision, recall), abs=1e-12)
+
+# ---------------------------------------------------------------- Inception network
+
+def test_fid_state_dict_keys_match_pytorch_fid_layout():
+    ours = fid.InceptionFID().state_dict()
+    ref = Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
+    assert list(ours) == list(ref)
+    assert all(ours[k].shape == ref[k].shape for k in ref)
+
+
+def test_fid_features_shapes_determinism_and_sfid_layer():
+    net, x = _fid_random_net(), torch.from_numpy(_fid_images(2, size=40))
+    seen = []
+    hook = net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.inference_mode():
+        a, b = net(x), net(x.clone())
+    hook.remove()
+    assert [t.shape for t in a] == [(2, 2048), (2, 2023), (2, 1008)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.allclose(a[0][0], a[0][1], rtol=0, atol=1e-3)  # different images, different features
+    # sFID features: ADM's mixed_6/conv = Mixed_6d's 1x1 branch, first 7 channels, flattened as NHWC.
+    assert torch.equal(a[1], seen[0][:, :7].permute(0, 2, 3, 1).reshape(2, -1))
+    with pytest.raises(ValueError, match="uint8"):
+        net(x.float())
+
+
+def test_fid_build_inception_loads_checkpoint_strictly(tmp_path, _fid_ckpt):
+    net = fid.build_inception(str(_fid_ckpt))
+    assert not net.training and all(torch.equal(v, _fid_random_net().state_dict()[k]) for k, v in net.state_dict().items())
+    torch.save({"fc.weight": torch.zeros(1008, 2048), "extra": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fid.build_inception(str(tmp_path / "bad.pth"))
+    with pytest.raises(ValueError, match="does not exist"):
+        fid.build_inception(str(tmp_path / "missing.pth"))
+
+
+# ---------------------------------------------------------------- inputs
+
+def test_fid_folder_and_npz_read_the_same_images(tmp_path):
+    imgs = _fid_images(5, size=12)
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / f"{i:03d}.png")
+    (tmp_path / "notes.txt").write_text("ignored")
+    np.savez(tmp_path / "imgs.npz", arr_0=imgs)
+    for path in (str(tmp_path), str(tmp_path / "imgs.npz")):
+        stats, (count, read) = fid.load_side(path)
+        assert stats == {} and count == 5
+        assert np.array_equal(np.concatenate(list(read(2))), imgs)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((4, 8, 8, 3), np.float32), "must be uint8"),
+    (np.zeros((4, 8, 8), np.uint8), "shape"),
+    (np.zeros((4, 8, 8, 4), np.uint8), "shape"),
+    (np.zeros((1, 8, 8, 3), np.uint8), "at least 2"),
+])
+def test_fid_bad_npz_images(tmp_path, array, message):
+    np.savez(tmp_path / "x.npz", arr_0=array)
+    with pytest.raises(ValueError, match=message):
+        fid.load_side(str(tmp_path / "x.npz"))
+
+
+def test_fid_bad_folders(tmp_path):
+    empty, one, mixed = (tmp_path / n for n in ("empty", "one", "mixed"))
+    for d in (empty, one, mixed):
+        d.mkdir()
+    with pytest.raises(ValueError, match="0 png/jpg/jpeg/webp"):
+        fid.load_side(str(empty))
+    Image.fromarray(_fid_images(1)[0]).save(one / "a.png")
+    with pytest.raises(ValueError, match="at least 2"):
+        fid.load_side(str(one))
+    Image.fromarray(_fid_images(1, size=8)[0]).save(mixed / "a.png")
+    Image.fromarray(_fid_images(1, size=16)[0]).save(mixed / "b.jpg")
+    with pytest.raises(ValueError, match="differ in resolution"):
+        fid.load_side(str(mixed))
+
+
+def test_fid_bad_paths_and_statistics_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        fid.load_side(str(tmp_path / "nope.npz"))
+    np.savez(tmp_path / "junk.npz", foo=np.zeros(3))
+    with pytest.raises(ValueError, match="neither images"):
+        fid.load_side(str(tmp_path / "junk.npz"))
+    np.savez(tmp_path / "half.npz", mu=np.zeros(3))
+    with pytest.raises(ValueError, match="mu without sigma"):
+        fid.load_side(str(tmp_path / "half.npz"))
+    np.savez(tmp_path / "fidonly.npz", mu=np.zeros(3), sigma=np.eye(3))
+    stats, images = fid.load_side(str(tmp_path / "fidonly.npz"))
+    with pytest.raises(ValueError, match="no images"):  # sFID asked of a file that only has FID stats
+        fid.resolve_side("fidonly.npz", stats, images, ["mu_s", "sigma_s"], get_features=None)
+
+
+def test_fid_main_reports_bad_input_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        fid.main(fid.parse_args([str(tmp_path / "nope"), str(tmp_path / "nope2"), "--device", "cpu"]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        fid.main(fid.parse_args([str(tmp_path), str(tmp_path), "--metrics", "fid,kid", "--device", "cpu"]))
+    assert e.value.code == 2 and "kid" in capsys.readouterr().err
+
+# ---------------------------------------------------------------- CLI end to end
+
+def test_fid_cli_end_to_end(tmp_path, capsys, monkeypatch, _fid_ckpt):
+    stats = tmp_path / "stats.npz"
+    np.savez(tmp_path / "s.npz", arr_0=_fid_images(4, seed=1))
+    np.savez(tmp_path / "r.npz", arr_0=_fid_images(4, seed=2))
+    # The network run, as a real subprocess: IS and precision/recall. FID/sFID on 2048-d features
+    # cost ~1 min of sqrtm on 2 cores, so they are checked below on small precomputed statistics.
+    out = _fid_cli(str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--metrics", "is,pr", "--device", "cpu",
+                   "--inception-ckpt", str(_fid_ckpt), "--batch-size", "3", "--save-stats", str(stats))
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(": ") for line in out.stdout.strip().splitlines())
+    assert list(lines) == ["IS", "Precision", "Recall"] and all(np.isfinite(float(v)) for v in lines.values())
+    assert "4/4 images" in out.stderr and "images/s" in out.stderr
+    with np.load(stats) as f:
+        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
+        assert f["mu_s"].shape == (2023,) and f["sigma_s"].shape == (2023, 2023) and f["pool"].shape == (4, 2048)
+    # Statistics files on both sides need no network; in-process to save the ~8 s of importing
+    # torch and torchvision again.
+    monkeypatch.setattr(fid, "build_inception", lambda ckpt: pytest.fail("the network was built"))
+    a, b = _fid_write_stats(tmp_path / "a.npz", 5, seed=3), _fid_write_stats(tmp_path / "b.npz", 5, seed=4)
+    fid.main(fid.parse_args([str(a), str(b), "--device", "cpu", "--metrics", "fid,sfid,pr"]))
+    lines = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    assert list(lines) == ["FID", "sFID", "Precision", "Recall"] and all(np.isfinite(float(v)) for v in lines.values())
+    fid.main(fid.parse_args([str(a), str(b), "--device", "cpu", "--metrics", "fid,sfid,pr", "--json"]))
+    result = json.loads(capsys.readouterr().out)
+    with np.load(a) as sa, np.load(b) as sb:
+        assert result["FID"] == pytest.approx(fid.frechet_distance(sa["mu"], sa["sigma"], sb["mu"], sb["sigma"]))
+    assert float(lines["FID"]) == pytest.approx(result["FID"], abs=1e-4)
+
+
+def test_fid_cli_missing_weights_fails_fast_naming_the_flag(tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "s.npz", arr_0=_fid_images(4))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty hub cache
+    # Port 9 on localhost refuses at once, so the test is offline and fast whatever the network.
+    monkeypatch.setattr(fid, "WEIGHTS_URL", "http://127.0.0.1:9/pt_inception.pth")
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        fid.main(fid.parse_args([str(tmp_path / "s.npz"), str(tmp_path / "s.npz"), "--metrics", "is", "--device", "cpu"]))
+    assert time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--inception-ckpt" in err and "Traceback" not in err
