@@ -770,6 +770,8 @@ def build(args, device):
     # vanilla SiT (frozen VAE, no alignment) needs no encoder and no projector
     enc_types = [] if args.freeze_vae and args.proj_coeff == 0 else args.enc_type.split(",")
     ckpts = args.enc_ckpt.split(",") if args.enc_ckpt else [None] * len(enc_types)
+    if len(ckpts) != len(enc_types):
+        fail(f"--enc-ckpt names {len(ckpts)} file(s) for {len(enc_types)} --enc-type encoder(s); give one per encoder")
     m.encoders = [load_encoder(e, args.resolution, c, args.random_weights, **(SMOKE["encoder"] if args.smoke else {}))
                   .to(device) for e, c in zip(enc_types, ckpts)]
     m.sit = build_sit(args, [e.embed_dim for e in m.encoders], m.vae)
