@@ -1007,13 +1007,28 @@ def write_previews(m, x, step, sample_dir, noise, labels):
 # DiT-style: one process per GPU, a run folder with args.json, log.txt, metrics.jsonl, checkpoints/
 # and samples/. Values leave the device only at log steps; preemption signals end with a checkpoint.
 
+def setup(args, dist_env, resume=None):
+    """Models on every rank from the same seed (DDP then agrees from step 0, EMA and random-weight
+    encoders included), then each rank reseeded for its own t, noise and label drops. Returns
+    (models, step, exact): exact is False when a resume could not restore every rank's RNG."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    torch.manual_seed(args.seed)
+    m = build(args, dist_env.device)
+    torch.manual_seed(args.seed + dist_env.rank)
+    step, exact = 0, True
+    if resume:
+        step, exact = load_checkpoint(resume, m, args, dist_env)
+    else:
+        update_ema(m.ema, m.sit, decay=0.0)
+    return wrap_distributed(m, dist_env), step, exact
+
+
 def main(args):
     dist_env = init_distributed()
     device = dist_env.device
     local_bs = args.batch_size // dist_env.world
     run_dir = os.path.join(args.output_dir, args.exp_name)
     ckpt_dir, sample_dir = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "samples")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
 
     dataset = build_dataset(args)
     if len(dataset) < args.batch_size:
@@ -1026,16 +1041,8 @@ def main(args):
         generator=torch.Generator())                        # its own seed draws: the global RNG stays exact
     steps_per_epoch = len(sampler) // local_bs
 
-    torch.manual_seed(args.seed)                            # identical initial weights on every rank
-    m = build(args, device)
-    torch.manual_seed(args.seed + dist_env.rank)            # then each rank its own t, noise, label drops
-    step, exact = 0, True
     resume = find_resume(args, ckpt_dir) if args.resume else None
-    if resume:
-        step, exact = load_checkpoint(resume, m, args, dist_env)
-    else:
-        update_ema(m.ema, m.sit, decay=0.0)
-    m = wrap_distributed(m, dist_env)
+    m, step, exact = setup(args, dist_env, resume)
 
     log = print if dist_env.is_main else (lambda *a, **k: None)
     if dist_env.is_main:
@@ -1130,10 +1137,11 @@ def export_vae(args):
     ckpt = load_file(args.export_vae, "--export-vae")
     if "vae" not in ckpt or "ema" not in ckpt:
         fail(f"'{args.export_vae}' has no 'vae' and 'ema' entries; export needs an end-to-end (REPA-E) checkpoint")
-    vae = build_vae(ckpt.get("args", args))
+    run = ckpt.get("args", args)                            # the run's VAE type; ours or a released checkpoint
+    vae = build_vae(run)
     load_state(vae, ckpt["vae"], f"the VAE in '{args.export_vae}'", "--export-vae")
     var, mean = ckpt["ema"]["bn.running_var"], ckpt["ema"]["bn.running_mean"]
-    path = os.path.join(args.output_dir, f"e2e-{getattr(ckpt.get('args'), 'vae', args.vae)}-{ckpt.get('steps', 0):07d}.pt")
+    path = os.path.join(args.output_dir, f"e2e-{run.vae}-{ckpt.get('steps', 0):07d}.pt")
     os.makedirs(args.output_dir, exist_ok=True)
     torch.save(vae.state_dict(), path)
     torch.save(dict(latents_scale=var.rsqrt().view(1, -1, 1, 1), latents_bias=mean.view(1, -1, 1, 1)),
@@ -1146,11 +1154,7 @@ def benchmark(args):
     then N timed REPA-E steps with a device sync at each phase boundary. Rank 0 prints the figures."""
     dist_env = init_distributed()
     device, local_bs, n = dist_env.device, args.batch_size // dist_env.world, args.benchmark
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    torch.manual_seed(args.seed)
-    m = wrap_distributed(build(args, device), dist_env)
-    update_ema(m.ema, m.sit, 0.0)
-    torch.manual_seed(args.seed + dist_env.rank)
+    m = setup(args, dist_env)[0]
     x = torch.randint(0, 256, (local_bs, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
     y = torch.randint(0, args.num_classes, (local_bs,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
