@@ -11,11 +11,14 @@ SiT only (stop-gradient on the latent), and L_REG keeps the VAE a good autoencod
   python repae.py --smoke            # tiny random-weight run of the whole pipeline on a CPU
 """
 import argparse
+import contextlib
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -32,9 +35,12 @@ import torchvision
 from PIL import Image
 
 
-def fail(msg):
-    """Stop with one sentence that says what is wrong and what to do (no stack trace)."""
-    raise SystemExit(f"error: {msg}")
+def fail(msg, code=2):
+    """Stop with one line, `<program>: error: <what is wrong and what to do>`, and no stack trace. Exit status 2 is
+    bad input found before anything was written, 1 a run that went wrong later. Under torchrun only rank 0 speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 def load_file(path, flag):
@@ -45,7 +51,7 @@ def load_file(path, flag):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which and stop, never continue with it
-        fail(f"could not read '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        fail(f"could not read '{path}' ({type(e).__name__}: {str(e).splitlines()[0]}); "
              f"the file is corrupt or not a PyTorch checkpoint, replace it or pass another with {flag}")
 
 
@@ -131,8 +137,9 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, 1, 1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x):                                   # nearest x2 as a broadcast: its backward is a plain
+        B, C, H, W = x.shape                                # sum, deterministic on CUDA (upsample_nearest2d's is not)
+        return self.conv(x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W))
 
 
 def res_attn(level, i, h):
@@ -275,12 +282,13 @@ LPIPS_HEADS_URL = "https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1
 
 
 class LPIPS(nn.Module):
-    """Zhang et al. 2018 perceptual distance in the taming layout: VGG16 cut after relu1_2..relu5_3,
-    unit-normalised features, squared difference, learned 1x1 heads (keys lin0.model.1.weight ...)."""
+    """Zhang et al. 2018 perceptual distance in the taming layout: torchvision's VGG16 `features` read after
+    relu1_2 ... relu5_3, unit-normalised, squared difference, learned 1x1 heads (keys lin0.model.1.weight ...)."""
+    taps = (3, 8, 15, 22, 29)                               # indices of relu1_2 ... relu5_3 in vgg16().features
+
     def __init__(self):
         super().__init__()
-        features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])   # vgg16().features
-        self.slices = nn.ModuleList(features[a:b] for a, b in ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30)))
+        self.features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])[:30]  # keys 0 ... 29
         self.heads = nn.ModuleDict({
             f"lin{i}": nn.Sequential(OrderedDict(model=nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))))
             for i, c in enumerate((64, 128, 256, 512, 512))})
@@ -296,27 +304,28 @@ class LPIPS(nn.Module):
         # Faithful to the released code: it maps inputs with 2x-1 as if they were in [0, 1], but the
         # step passes images in [-1, 1], so LPIPS sees [-3, 1]. The published checkpoints come from this.
         x, y = (((2 * v - 1) - self.shift) / self.scale for v in (x, y))
-        d = 0
-        for block, head in zip(self.slices, self.heads.values()):
-            x, y = block(x), block(y)
-            nx = x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            ny = y / (y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            d = d + head((nx - ny) ** 2).mean(dim=(1, 2, 3))
+        d, heads = 0, iter(self.heads.values())
+        for i, layer in enumerate(self.features):
+            x, y = layer(x), layer(y)
+            if i in self.taps:
+                nx = x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                ny = y / (y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                d = d + next(heads)((nx - ny) ** 2).mean(dim=(1, 2, 3))
         return d
 
 
 def load_lpips(vgg_ckpt=None, heads_ckpt=None, random_weights=False):
+    """torchvision's vgg16-397923af.pth (its `features.N` entries) and the taming heads vgg.pth; each file is
+    random when --random-weights leaves it unnamed."""
     lpips = LPIPS()
-    if random_weights:
-        return lpips
-    vgg = load_file(vgg_ckpt or fetch(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url,
-                                      "vgg16-397923af.pth", "--vgg-ckpt"), "--vgg-ckpt")
-    features = {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")}
-    for i, (a, b) in enumerate(((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))):
-        load_state(lpips.slices[i], {f"{int(k.split('.')[0]) - a}.{k.split('.')[1]}": v for k, v in features.items()
-                                     if a <= int(k.split(".")[0]) < b}, "the VGG16 weights", "--vgg-ckpt")
-    heads = load_file(heads_ckpt or fetch(LPIPS_HEADS_URL, "vgg_lpips.pth", "--lpips-ckpt"), "--lpips-ckpt")
-    load_state(lpips.heads, heads, "the LPIPS heads (vgg.pth)", "--lpips-ckpt")
+    if vgg_ckpt or not random_weights:
+        vgg = load_file(vgg_ckpt or fetch(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url,
+                                          "vgg16-397923af.pth", "--vgg-ckpt"), "--vgg-ckpt")
+        load_state(lpips.features, {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")},
+                   "the VGG16 weights", "--vgg-ckpt")
+    if heads_ckpt or not random_weights:
+        heads = load_file(heads_ckpt or fetch(LPIPS_HEADS_URL, "vgg_lpips.pth", "--lpips-ckpt"), "--lpips-ckpt")
+        load_state(lpips.heads, heads, "the LPIPS heads (vgg.pth)", "--lpips-ckpt")
     return lpips
 
 
@@ -413,15 +422,17 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, qk_norm=False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        norm = (lambda: nn.LayerNorm(dim // num_heads)) if qk_norm else nn.Identity   # timm's qk_norm, --qk-norm
+        self.q_norm, self.k_norm = norm(), norm()
 
     def forward(self, x):                                   # (N, T, D)
         N, T, D = x.shape
         q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)         # flash / memory-efficient kernels on GPU
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)   # flash kernels on GPU
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
@@ -436,10 +447,10 @@ class Mlp(nn.Module):
 
 class SiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning on c = t_emb + y_emb."""
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -470,7 +481,7 @@ def projector(dim, projector_dim, z_dim):
 class SiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, z_dims=(768,), encoder_depth=8,
-                 projector_dim=2048, bn_momentum=0.1):
+                 projector_dim=2048, bn_momentum=0.1, qk_norm=False):
         super().__init__()
         if not 1 <= encoder_depth <= depth:
             fail(f"--encoder-depth {encoder_depth} must be between 1 and the SiT depth {depth}")
@@ -481,7 +492,7 @@ class SiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, grid)[None], requires_grad=False)
-        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.projectors = nn.ModuleList(projector(hidden_size, projector_dim, z) for z in z_dims)
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         # No affine parameters on purpose: an affine BN could shrink the latent scale and so "hack"
@@ -635,6 +646,46 @@ def repa_loss(zs_tilde, zs):
 
 
 #################################################################################
+#               Sampling: the flow ODE from t = 1 (noise) to t = 0 (data)        #
+#################################################################################
+# The SiT predicts the velocity v of the interpolant above; integrating dx/dt = v backwards in t turns noise
+# into a latent. Training previews use it; sample.py adds the SDE, DDP sharding and the .npz.
+
+def guided(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, fn=lambda v, x, t: v, t_cfg=None):
+    """fn(v, x, t) of the SiT's velocity at (x, t), with classifier-free guidance where t_cfg (default t) lies in
+    [guidance_low, guidance_high]: uncond + s (cond - uncond), the null label being index num_classes. The
+    unconditional pass runs only inside the interval, batched with the conditional one."""
+    t_cfg = t if t_cfg is None else t_cfg
+    use_cfg = cfg_scale > 1.0 and guidance_low <= t_cfg <= guidance_high
+    x_in = torch.cat([x, x]) if use_cfg else x
+    y_in = torch.cat([y, torch.full_like(y, model.num_classes)]) if use_cfg else y
+    t_in = torch.full((x_in.shape[0],), t, dtype=torch.float64, device=x.device)
+    v = model(x_in.to(torch.float32), t_in.to(torch.float32), y_in, mode="sample")[0].to(torch.float64)
+    d = fn(v, x_in, t_in.view(-1, 1, 1, 1))
+    if use_cfg:
+        d_cond, d_uncond = d.chunk(2)
+        d = d_uncond + cfg_scale * (d_cond - d_uncond)
+    return d
+
+
+@torch.no_grad()
+def euler_sampler(model, noise, y, num_steps=50, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, heun=False):
+    """The flow ODE dx/dt = v from t = 1 (noise) to t = 0 (data): Euler on linspace(1, 0, N+1), in float64, with
+    an optional Heun correction on all but the last step (guided iff the predictor's t lies in the interval)."""
+    t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    x = noise.to(torch.float64)
+    cfg = dict(cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high)
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1].tolist(), t_steps[1:].tolist())):
+        d = guided(model, x, t_cur, y, **cfg)
+        x_next = x + (t_next - t_cur) * d
+        if heun and i < num_steps - 1:
+            d_next = guided(model, x_next, t_next, y, **cfg, t_cfg=t_cur)
+            x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d_next)
+        x = x_next
+    return x
+
+
+#################################################################################
 #                 The REPA-E step: VAE update, discriminator, SiT, EMA           #
 #################################################################################
 # One training step = three updates in this order (spec Sec. 2). The VAE sees L_REG + 1.5 L_REPA
@@ -657,29 +708,35 @@ def update_ema(ema, model, decay):
         e.lerp_(b, 1 - decay) if b.is_floating_point() else e.copy_(b)
 
 
-def optimizer_step(loss, params, opt, scaler, max_norm):
-    """backward, clip the grad norm, step; returns the pre-clip norm as a tensor (no host sync)."""
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    scaler.step(opt)
+def optimizer_step(loss, params, opt, m, args, sync):
+    """backward of loss / K (K micro-batches per update, as accelerate scales it); after the last micro-batch
+    also clip the grad norm and step. Returns the pre-clip norm as a tensor (no host sync), else None."""
+    m.scaler.scale(loss / args.gradient_accumulation_steps).backward()
+    if not sync:
+        return None
+    m.scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    m.scaler.step(opt)
     opt.zero_grad(set_to_none=True)
     return norm
 
 
-def repae_step(x, y, m, args):
-    """x: uint8 images (B, 3, H, W), y: labels (B,). m holds the models, their DDP wrappers (m.*_ddp,
-    the module itself when not distributed), the optimisers, the grad scaler and m.mark, a phase
-    timer for --benchmark (a no-op otherwise). Returns detached
-    tensors: every loss and grad norm. Switches: --freeze-vae (REPA; with --proj-coeff 0, vanilla SiT)
-    and --no-stop-grad (the naive end-to-end ablation, L_DIFF also reaches the VAE)."""
+def repae_step(x, y, m, args, moments=None, sync=True):
+    """x: uint8 images (B, 3, H, W), y: labels (B,), moments: cached posterior (mean, std) of a frozen VAE or None.
+    m holds the models, their DDP wrappers (m.*_ddp, the bare module in one process), the optimisers, the grad
+    scaler and m.mark, a phase timer for --benchmark. sync=False: a micro-batch that only accumulates gradients.
+    Returns detached tensors: every loss and grad norm. Switches: --freeze-vae (REPA; with --proj-coeff 0,
+    vanilla SiT) and --no-stop-grad (the naive end-to-end ablation, L_DIFF also reaches the VAE)."""
     amp = functools.partial(torch.autocast, x.device.type, dtype=m.amp_dtype, enabled=m.amp_dtype is not None)
     with amp():
         zs = encoder_targets(m.encoders, x)                 # 1. alignment targets, no grad
     m.mark("dinov2")
     x_vae = x.float() / 127.5 - 1
     logs = {}
-    if args.freeze_vae:
+    if moments is not None:                                 # cached posterior: train_ldm_only.py's sample_posterior
+        mean, std = moments.float().chunk(2, dim=1)
+        z = mean + std * torch.randn_like(mean)
+    elif args.freeze_vae:
         with torch.no_grad(), amp():
             z = m.vae.encode(x_vae).sample()
     else:
@@ -702,7 +759,7 @@ def repae_step(x, y, m, args):
         loss_vae = l_reg + args.vae_align_proj_coeff * vae_repa
         if not args.stop_grad:
             loss_vae = loss_vae + diffusion_loss(v_pred, v)
-        logs["grad_norm_vae"] = optimizer_step(loss_vae, m.vae.parameters(), m.opt_vae, m.scaler, args.max_grad_norm)
+        logs["grad_norm_vae"] = optimizer_step(loss_vae, m.vae.parameters(), m.opt_vae, m, args, sync)
         requires_grad(m.sit_params, True)
         requires_grad(m.disc.parameters(), True)
         m.sit.train()
@@ -711,8 +768,7 @@ def repae_step(x, y, m, args):
         with torch.autocast(x.device.type, enabled=False):
             logits_real, logits_fake = m.disc_ddp(x_vae), m.disc_ddp(recon.detach().float())
             loss_disc = hinge_d_loss(logits_real, logits_fake)
-        logs["grad_norm_disc"] = optimizer_step(loss_disc, m.disc.parameters(), m.opt_disc, m.scaler,
-                                                args.max_grad_norm)
+        logs["grad_norm_disc"] = optimizer_step(loss_disc, m.disc.parameters(), m.opt_disc, m, args, sync)
         logs.update(loss_vae=loss_vae, vae_l_repa=vae_repa, **reg, loss_disc=loss_disc,
                     logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
         m.mark("discriminator")
@@ -726,52 +782,73 @@ def repae_step(x, y, m, args):
         l_diff = diffusion_loss(v_pred, v)
         l_repa = repa_loss(zs_tilde, zs) if zs else torch.zeros((), device=x.device)
         loss_sit = l_diff + args.proj_coeff * l_repa
-    logs["grad_norm_sit"] = optimizer_step(loss_sit, m.sit_params, m.opt, m.scaler, args.max_grad_norm)
-    m.scaler.update()
-    update_ema(m.ema, m.sit, args.ema_decay)                # 6. EMA of parameters and BN buffers
+    logs["grad_norm_sit"] = optimizer_step(loss_sit, m.sit_params, m.opt, m, args, sync)
+    if sync:
+        m.scaler.update()
+        update_ema(m.ema, m.sit, args.ema_decay)            # 6. EMA of parameters and BN buffers
     m.mark("sit")
     logs.update(loss_sit=loss_sit, l_diff=l_diff, l_repa=l_repa, **latent_diagnostics(z.detach()))
-    return {k: v.detach().float() for k, v in logs.items()}
+    return {k: v.detach().float() for k, v in logs.items() if v is not None}
+
+
+def train_step(batches, m, args, device):
+    """One optimiser update from K micro-batches (--gradient-accumulation-steps, the semantics of accelerate's
+    accumulate in the released code): gradients of each loss / K summed over the micro-batches, then clipped and
+    applied once; DDP all-reduces only on the last micro-batch (no_sync before it). Returns the last one's logs."""
+    for i, b in enumerate(batches):
+        sync = i == len(batches) - 1
+        with contextlib.ExitStack() as stack:
+            for ddp in [] if sync else m.ddp:
+                stack.enter_context(ddp.no_sync())
+            x, y = b["x"].to(device, non_blocking=True), b["y"].to(device, non_blocking=True)
+            moments = b["moments"].to(device, non_blocking=True) if "moments" in b else None
+            logs = repae_step(x, y, m, args, moments, sync)
+    return logs
 
 
 #################################################################################
 #                  Building the models from the command line                     #
 #################################################################################
 # Pretrained pieces come from local paths or their hubs; --random-weights (implied by --smoke and
-# --benchmark) builds every piece with random weights, which makes no network call at all.
+# --benchmark) builds with random weights every piece whose file is not given: no network call at all.
 
-# --smoke: tiny shapes, so that train, checkpoint, preview and resume run on a laptop CPU in minutes.
-SMOKE = dict(vae=dict(ch=32, ch_mult=(1, 1, 2, 2), z_channels=4, num_res_blocks=1),
-             sit=dict(depth=4, hidden_size=64, num_heads=2, patch_size=2, projector_dim=128),
+# --smoke: tiny versions of the named models, so that a run, its checkpoints and previews take minutes on a CPU
+SMOKE = dict(sit=dict(hidden_size=64, num_heads=2, projector_dim=128), vae=dict(ch=32, num_res_blocks=1),
              encoder=dict(depth=2, embed_dim=64, num_heads=2))
+DINOV2_WIDTH = {"s": 384, "b": 768, "l": 1024, "g": 1536}
 
 
 def build_vae(args):
-    return AutoencoderKL(**SMOKE["vae"]) if getattr(args, "smoke", False) else vae_models[args.vae]()
+    if not getattr(args, "smoke", False):
+        return vae_models[args.vae]()
+    levels = len(vae_models[args.vae].keywords["ch_mult"])   # same depth and latent, narrow: f8d4 -> (1, 1, 2, 2)
+    return vae_models[args.vae](**SMOKE["vae"], ch_mult=(1,) * (levels - 2) + (2, 2))
 
 
 def build_sit(args, z_dims, vae):
     kw = dict(input_size=args.resolution // vae.factor, in_channels=vae.z_channels, num_classes=args.num_classes,
               class_dropout_prob=args.cfg_prob, z_dims=z_dims, encoder_depth=args.encoder_depth,
-              bn_momentum=args.bn_momentum)
-    return SiT(**SMOKE["sit"], **kw) if getattr(args, "smoke", False) else SiT_models[args.model](**kw)
+              bn_momentum=args.bn_momentum, qk_norm=getattr(args, "qk_norm", False))
+    smoke = dict(SMOKE["sit"], depth=max(4, args.encoder_depth)) if getattr(args, "smoke", False) else {}
+    return SiT_models[args.model](**kw, **smoke)
+
+
+def encoder_types(args):
+    """The alignment encoders; vanilla SiT (frozen VAE, no alignment) needs none, and no projector."""
+    return [] if args.freeze_vae and args.proj_coeff == 0 else args.enc_type.split(",")
 
 
 def build(args, device):
     """Every model, optimiser and the grad scaler of a run, on `device`, as a namespace for repae_step."""
-    m = SimpleNamespace()
+    m = SimpleNamespace(mark=lambda phase: None, ddp=[])
     m.vae = build_vae(args)
-    if args.random_weights:
-        scale, bias = torch.ones(m.vae.z_channels), torch.zeros(m.vae.z_channels)
-    else:
+    if args.vae_ckpt:                                       # None only with --random-weights
         load_state(m.vae, load_file(args.vae_ckpt, "--vae-ckpt"), f"--vae-ckpt '{args.vae_ckpt}'", "--vae-ckpt/--vae")
-        scale, bias = load_latent_stats(args.latents_stats or args.vae_ckpt.replace(".pt", "-latents-stats.pt"))
+    stats = args.latents_stats or (args.vae_ckpt and args.vae_ckpt.replace(".pt", "-latents-stats.pt"))
+    scale, bias = load_latent_stats(stats) if stats else (torch.ones(m.vae.z_channels), torch.zeros(m.vae.z_channels))
     m.vae.to(device)
-    # vanilla SiT (frozen VAE, no alignment) needs no encoder and no projector
-    enc_types = [] if args.freeze_vae and args.proj_coeff == 0 else args.enc_type.split(",")
+    enc_types = encoder_types(args)
     ckpts = args.enc_ckpt.split(",") if args.enc_ckpt else [None] * len(enc_types)
-    if len(ckpts) != len(enc_types):
-        fail(f"--enc-ckpt names {len(ckpts)} file(s) for {len(enc_types)} --enc-type encoder(s); give one per encoder")
     m.encoders = [load_encoder(e, args.resolution, c, args.random_weights, **(SMOKE["encoder"] if args.smoke else {}))
                   .to(device) for e, c in zip(enc_types, ckpts)]
     m.sit = build_sit(args, [e.embed_dim for e in m.encoders], m.vae)
@@ -783,9 +860,14 @@ def build(args, device):
     m.sit.init_bn(scale.to(device), bias.to(device))
     m.sit.to(device)
     m.ema = copy.deepcopy(m.sit).requires_grad_(False).eval()
-    m.sit_params = [p for p in m.sit.parameters() if p.requires_grad]      # pos_embed stays frozen
-    adamw = functools.partial(torch.optim.AdamW, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                              fused=device.type == "cuda")
+    # As the released train_repae.py, whose requires_grad(model, True) before every SiT update also switches
+    # on the sin-cos pos_embed: in REPA-E runs it is trained, clipped and EMA'd like every SiT parameter. It is
+    # switched on here, before DDP wraps the SiT, so that DDP averages its gradient (the released multi-GPU runs
+    # wrapped it frozen and trained one pos_embed per GPU). train_ldm_only.py never unfreezes it.
+    m.sit.pos_embed.requires_grad_(not args.freeze_vae)
+    m.sit_params = [p for p in m.sit.parameters() if p.requires_grad]
+    adamw = functools.partial(torch.optim.AdamW, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                              weight_decay=args.adam_weight_decay, fused=device.type == "cuda")
     m.opt = adamw(m.sit.parameters(), lr=args.learning_rate)
     if args.freeze_vae:
         m.vae.eval().requires_grad_(False)
@@ -801,12 +883,19 @@ def build(args, device):
     use_amp = device.type == "cuda" and args.mixed_precision != "no"
     m.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision] if use_amp else None
     m.scaler = torch.amp.GradScaler(device.type, enabled=m.amp_dtype == torch.float16)
-    m.mark = lambda phase: None
-    if args.compile:                                        # in place: state_dict keys stay official
-        for module in [m.sit, m.vae.encoder, m.vae.decoder, *m.encoders] + ([] if args.freeze_vae else [m.lpips, m.disc]):
-            module.compile()
     m.vae.decoder.checkpointing = args.vae_checkpointing
     return m
+
+
+def compile_blocks(m):
+    """--compile, regionally: every instance of a repeated block type (SiT and DINOv2 blocks, the VAE's res and
+    attention blocks) runs one compiled code object, so compile time is that of a few blocks, not of whole
+    models; LPIPS and the discriminator are small and compiled whole. In place: state_dict keys stay official."""
+    torch._dynamo.config.cache_size_limit = 64              # one graph per block shape and grad mode
+    blocks = [b for b in m.vae.modules() if isinstance(b, (ResnetBlock, AttnBlock))]
+    for module in [*m.sit.blocks, *blocks, *(b for e in m.encoders for b in e.blocks)] + \
+            ([m.lpips, m.disc] if hasattr(m, "disc") else []):
+        module.compile()
 
 
 def wrap_distributed(m, dist_env):
@@ -819,11 +908,13 @@ def wrap_distributed(m, dist_env):
     m.sit_ddp = ddp(m.sit)
     if hasattr(m, "disc"):
         m.vae_ddp, m.disc_ddp = ddp(m.vae), ddp(m.disc)
+    m.ddp = [w for w in (m.sit_ddp, getattr(m, "vae_ddp", None), getattr(m, "disc_ddp", None))
+             if isinstance(w, nn.parallel.DistributedDataParallel)]
     return m
 
 
 #################################################################################
-#                Data: ImageFolder with the ADM centre crop, or smoke images     #
+#          Data: ImageFolder with the ADM centre crop, latent cache, smoke       #
 #################################################################################
 # ImageNet as class sub-folders, centre-cropped the ADM way to uint8 (3, R, R) tensors. The data
 # order is a function of (seed, epoch), so a resumed run sees exactly the batches it would have.
@@ -840,12 +931,33 @@ def center_crop_arr(image, size):
 
 
 def load_image(path, size):
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except OSError as e:
-        raise RuntimeError(f"cannot read image file '{path}' ({e}); remove or replace it") from e
+    with Image.open(path) as image:
+        image = image.convert("RGB")
     return torch.from_numpy(center_crop_arr(image, size)).permute(2, 0, 1)   # uint8 (3, size, size)
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """Items {x, y, skipped} and, from a latent cache, the image's posterior moments. An unreadable image is
+    replaced by the next readable one and named in one warning line; `skipped` counts it in the log, so one
+    broken file among a million neither stops a run nor goes unnoticed."""
+    def __init__(self, root, size, cache=None):
+        super().__init__(root, allow_empty=True)
+        self.size, self.cache, self.moments = size, cache, None
+
+    def __getitem__(self, i):
+        for j in (k % len(self) for k in range(i, i + len(self))):
+            try:
+                x = load_image(self.samples[j][0], self.size)
+                break
+            except (OSError, ValueError) as e:              # PIL: unidentified, truncated or corrupt file
+                print(f"{os.path.basename(sys.argv[0])}: warning: skipped unreadable image '{self.samples[j][0]}' "
+                      f"({e})", file=sys.stderr, flush=True)
+        item = dict(x=x, y=self.targets[j], skipped=j != i)
+        if self.cache:
+            if self.moments is None:                        # opened in each worker: never pickle a memmap
+                self.moments = np.load(self.cache + ".npy", mmap_mode="r")
+            item["moments"] = torch.from_numpy(np.array(self.moments[j]))
+        return item
 
 
 class SmokeImages(torch.utils.data.Dataset):
@@ -862,30 +974,69 @@ class SmokeImages(torch.utils.data.Dataset):
         y = i % self.num_classes
         hue = torch.tensor(y / self.num_classes * 2 * math.pi)
         color = 0.5 + 0.5 * torch.stack([torch.cos(hue), torch.cos(hue - 2.094), torch.cos(hue + 2.094)])
-        cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([0.5, 0.5, 0.2]) + torch.tensor([0.25, 0.25, 0.15])) * self.size
+        cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([0.5, 0.5, 0.2]) + torch.tensor([0.25, 0.25, 0.15])) \
+            * self.size
         yy, xx = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
         disc = (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2).float()
         background = (yy.float() / self.size * 0.3)[None].expand(3, -1, -1)
         image = disc * color[:, None, None] + (1 - disc) * background
-        return (image * 255).round().to(torch.uint8), y
+        return dict(x=(image * 255).round().to(torch.uint8), y=y, skipped=False)
 
 
 def build_dataset(args):
+    """The training images, checked up front as far as that is cheap on ImageNet: the folder layout, the classes,
+    the first image decodes, and a latent cache matches this data, VAE and resolution."""
     if args.smoke and not args.data_dir:
         return SmokeImages(args.max_images or 256, args.resolution, args.num_classes)
-    if not args.data_dir or not os.path.isdir(args.data_dir):
-        fail(f"--data-dir '{args.data_dir}' is not a folder; point it at an ImageFolder tree (one sub-folder per class)")
-    if not any(e.is_dir() for e in os.scandir(args.data_dir)):
-        fail(f"--data-dir '{args.data_dir}' has no class sub-folders; it must hold one folder of images per class")
-    ds = torchvision.datasets.ImageFolder(args.data_dir, loader=functools.partial(load_image, size=args.resolution),
-                                          allow_empty=True)
+    root = args.data_dir
+    if not root or not os.path.isdir(root):
+        fail(f"--data-dir '{root}' is not a folder; point it at an ImageFolder tree (one sub-folder per class)")
+    if not any(e.is_dir() for e in os.scandir(root)):
+        fail(f"--data-dir '{root}' has no class sub-folders; it must hold one folder of images per class (the "
+             f"released preprocessing.py's images.h5 is not read here)")
+    cache = os.path.join(root, args.vae_latents_name) if args.vae_latents_name and not args.cache_latents else None
+    ds = ImageFolder(root, args.resolution, cache)
     if len(ds) == 0:
-        fail(f"--data-dir '{args.data_dir}' holds no images (.jpg, .png, ...) in its class sub-folders")
+        fail(f"--data-dir '{root}' holds no images (.jpg, .png, ...) in its class sub-folders")
     if len(ds.classes) > args.num_classes:
         fail(f"--data-dir has {len(ds.classes)} classes but --num-classes is {args.num_classes}")
+    try:
+        load_image(ds.samples[0][0], args.resolution)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read the first image '{ds.samples[0][0]}' ({e}); check that --data-dir holds image files")
+    if cache:
+        check_latent_cache(ds, args)
     if args.max_images:                                     # a spread-out subset that keeps every class
         ds = torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, min(args.max_images, len(ds))).astype(int).tolist())
+    if len(ds) < args.batch_size * args.gradient_accumulation_steps and not args.cache_latents:
+        fail(f"the data has {len(ds)} images, fewer than one update (--batch-size {args.batch_size} x "
+             f"--gradient-accumulation-steps {args.gradient_accumulation_steps})")
     return ds
+
+
+def cache_meta(ds, args):
+    """What a latent cache was made from: it serves only the same images, VAE weights and resolution."""
+    digest = hashlib.sha1()
+    with open(args.vae_ckpt, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    files = hashlib.sha1("\n".join(os.path.relpath(p, ds.root) for p, _ in ds.samples).encode()).hexdigest()
+    return dict(images=len(ds), files=files, vae=args.vae, vae_weights=digest.hexdigest(), resolution=args.resolution,
+                smoke=args.smoke)
+
+
+def check_latent_cache(ds, args):
+    base = ds.cache
+    if not os.path.isfile(base + ".json"):
+        fail(f"there is no latent cache '{base}.npy'; write it first with --cache-latents --vae-latents-name "
+             f"{args.vae_latents_name} (same --data-dir and --vae-ckpt)")
+    made, now = json.load(open(base + ".json")), cache_meta(ds, args)
+    differ = [k for k in now if made.get(k) != now[k]]
+    if differ:
+        fail(f"the latent cache '{base}.npy' was made with another {'/'.join(differ)} ({made}); write a new one "
+             f"with --cache-latents and another --vae-latents-name")
+    if not np.load(base + ".done.npy").all():
+        fail(f"the latent cache '{base}.npy' is incomplete; run the same --cache-latents command again to finish it")
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -899,16 +1050,34 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start
 
 
+def data_loader(ds, args, dist_env):
+    return torch.utils.data.DataLoader(
+        ds, batch_size=args.batch_size // dist_env.world, num_workers=args.num_workers, drop_last=True,
+        sampler=ResumableSampler(ds, dist_env.world, dist_env.rank, shuffle=True, seed=args.seed, drop_last=True),
+        pin_memory=dist_env.device.type == "cuda", persistent_workers=args.num_workers > 0,
+        generator=torch.Generator())                        # its own seed draws: the global RNG stays exact
+
+
 #################################################################################
-#        Distributed setup, checkpoints (atomic, exact resume), logging          #
+#        Distributed setup, run folder, checkpoints (atomic, exact resume)       #
 #################################################################################
 # torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; `python repae.py` is a world of one.
 # A small gloo group carries control messages (stop flags, RNG states) without device syncs.
 
-def init_distributed():
+def init_distributed(deterministic=False):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
+    procs, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+    if cuda and procs > gpus:
+        fail(f"{procs} processes on this machine but {gpus} visible GPU(s): start one process per GPU "
+             f"(torchrun --nproc_per_node={gpus}) or make more GPUs visible with CUDA_VISIBLE_DEVICES")
+    if deterministic:                                       # --deterministic, set before any cuBLAS handle exists
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        for backend in ("flash", "mem_efficient", "cudnn"):   # their backward passes accumulate with atomics
+            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -924,31 +1093,76 @@ def rng_state(device):
     return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
+def checkpoint_gb(args):
+    """The size of one checkpoint (SiT, EMA and the Adam moments; VAE and discriminator with theirs when
+    trained), from the parameter counts of the models built on the meta device."""
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    with torch.device("meta"):
+        vae = build_vae(args)
+        sit = count(build_sit(args, [DINOV2_WIDTH[e.split("-")[2]] for e in encoder_types(args)], vae))
+        trained = count(vae) if args.freeze_vae else 3 * (count(vae) + count(NLayerDiscriminator()))
+    return 4 * (4 * sit + trained) / 2 ** 30
+
+
+def prepare_run(args, dist_env):
+    """The run folder <output-dir>/<exp-name> and the checkpoint to resume from, checked before any model is built:
+    an earlier run is never overwritten (continue it with --resume), the folder must be writable and its disk must
+    hold one more checkpoint. Returns (run_dir, checkpoint path or None)."""
+    run_dir = os.path.join(args.output_dir, args.exp_name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    found = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
+    if not args.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+        fail(f"'{run_dir}' already holds a run{f' with checkpoints up to {found[-1]}' if found else ''}; continue "
+             f"it with --resume auto, or start another with a new --exp-name")
+    resume = (os.path.join(ckpt_dir, found[-1]) if found else None) if args.resume == "auto" else args.resume
+    if resume and not os.path.isfile(resume):
+        fail(f"checkpoint '{resume}' does not exist; name an existing one with --resume or --resume-step")
+    parent = run_dir
+    while not os.path.isdir(parent):
+        if os.path.exists(parent):
+            fail(f"'{parent}' is a file, so the run folder '{run_dir}' cannot be made there; pass another --output-dir")
+        parent = os.path.dirname(parent) or "."
+    if not os.access(parent, os.W_OK):
+        fail(f"cannot write in '{parent}', where the run folder '{run_dir}' goes; pass a writable --output-dir")
+    need, free = checkpoint_gb(args), shutil.disk_usage(parent).free / 2 ** 30
+    if free < need:
+        fail(f"one checkpoint of this run takes {need:.2f} GB but '{parent}' has {free:.2f} GB free; free some "
+             f"space or pass another --output-dir")
+    return run_dir, resume
+
+
 def save_checkpoint(path, m, args, step, dist_env):
-    """Official REPA-E keys plus what an exact resume needs; written to a temporary file, then renamed."""
+    """Official REPA-E keys plus what an exact resume needs; written to a temporary file, then renamed, so that a
+    crash or a full disk never leaves a truncated checkpoint. A write error stops every rank with one sentence."""
     rngs = [rng_state(dist_env.device)]
     if dist_env.world > 1:
         rngs = [None] * dist_env.world
         dist.all_gather_object(rngs, rng_state(dist_env.device), group=dist_env.ctrl)
-    if not dist_env.is_main:
-        return
-    ckpt = dict(model=m.sit.state_dict(), ema=m.ema.state_dict(), vae=m.vae.state_dict(), opt=m.opt.state_dict(),
-                args=args, steps=step, rng=rngs, scaler=m.scaler.state_dict())
-    if not args.freeze_vae:
-        ckpt.update(discriminator=m.disc.state_dict(), opt_vae=m.opt_vae.state_dict(), opt_disc=m.opt_disc.state_dict())
-    tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)                                   # a crash mid-write never leaves a truncated latest
-
-
-def find_resume(args, ckpt_dir):
-    if args.resume != "auto":
-        return args.resume
-    found = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
-    return os.path.join(ckpt_dir, found[-1]) if found else None
+    error = [None]
+    if dist_env.is_main:
+        ckpt = dict(model=m.sit.state_dict(), ema=m.ema.state_dict(), vae=m.vae.state_dict(), opt=m.opt.state_dict(),
+                    args=args, steps=step, rng=rngs, scaler=m.scaler.state_dict())
+        if not args.freeze_vae:
+            ckpt.update(discriminator=m.disc.state_dict(), opt_vae=m.opt_vae.state_dict(),
+                        opt_disc=m.opt_disc.state_dict())
+        try:
+            with open(f"{path}.tmp", "wb") as f:            # through a Python file: a full disk is an OSError
+                torch.save(ckpt, f)
+            os.replace(f"{path}.tmp", path)
+        except OSError as e:
+            if os.path.lexists(f"{path}.tmp"):
+                os.remove(f"{path}.tmp")
+            error = [f"could not write checkpoint '{path}' ({str(e).splitlines()[0]}); the earlier checkpoints are "
+                     f"intact: free some space, then continue with --resume auto"]
+    if dist_env.world > 1:
+        dist.broadcast_object_list(error, src=0, group=dist_env.ctrl)
+    if error[0]:
+        fail(error[0], code=1)
 
 
 def load_checkpoint(path, m, args, dist_env):
+    """This project's or a released REPA-E checkpoint. Returns (step, exact): exact when every rank's RNG state
+    could be restored (same world size), so that the resumed run is bitwise the uninterrupted one."""
     ckpt = load_file(path, "--resume")
     missing = [k for k in ("model", "ema", "vae", "opt", "steps") + (() if args.freeze_vae else ("discriminator",))
                if k not in ckpt]
@@ -991,21 +1205,122 @@ def to_uint8_grid(images, nrow):
 @torch.no_grad()
 def write_previews(m, x, step, sample_dir, noise, labels):
     """EMA samples (Euler ODE, 50 steps, CFG 4.0 as the reference's previews) and VAE reconstructions."""
-    from sample import euler_sampler                        # the samplers live in sample.py
     z_n = euler_sampler(m.ema, noise, labels, num_steps=50, cfg_scale=4.0)
     scale, bias = m.ema.latent_stats()
     images = m.vae.decode((z_n.float() / scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)))
-    Image.fromarray(to_uint8_grid(images, nrow=int(math.sqrt(len(images))))).save(f"{sample_dir}/{step:07d}-samples.png")
+    Image.fromarray(to_uint8_grid(images, int(math.sqrt(len(images))))).save(f"{sample_dir}/{step:07d}-samples.png")
     x_vae = x[:8].float() / 127.5 - 1
     recon = m.vae.decode(m.vae.encode(x_vae).mode())
-    Image.fromarray(to_uint8_grid(torch.cat([x_vae, recon]), nrow=len(x_vae))).save(f"{sample_dir}/{step:07d}-recon.png")
+    Image.fromarray(to_uint8_grid(torch.cat([x_vae, recon]), len(x_vae))).save(f"{sample_dir}/{step:07d}-recon.png")
+
+
+class Monitor:
+    """The periodic work of a run, kept out of the training loop: log.txt and metrics.jsonl (values leave the device
+    only at log steps), the non-finite check, EMA previews, checkpoints, and the preemption signals (SIGTERM or
+    SIGINT: finish the step, checkpoint, exit 0)."""
+    def __init__(self, args, dist_env, run_dir, m, step):
+        self.args, self.d, self.m, self.step0, self.saved, self.logged, self.skipped = \
+            args, dist_env, m, step, step, step, 0
+        self.ckpt_dir, self.sample_dir = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "samples")
+        self.metrics = os.path.join(run_dir, "metrics.jsonl")
+        if dist_env.is_main:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            os.makedirs(self.sample_dir, exist_ok=True)
+            if not os.path.exists(os.path.join(run_dir, "args.json")):
+                with open(os.path.join(run_dir, "args.json"), "w") as f:
+                    json.dump(vars(args), f, indent=2)
+            if os.path.exists(self.metrics):                # a resumed run keeps one row per step
+                rows = [r for r in open(self.metrics) if json.loads(r)["step"] <= step]
+                with open(self.metrics + ".tmp", "w") as f:
+                    f.writelines(rows)
+                os.replace(self.metrics + ".tmp", self.metrics)
+            self.file = open(os.path.join(run_dir, "log.txt"), "a")
+        self.stop = []
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda *_: self.stop.append(True))
+        g, latent = torch.Generator().manual_seed(args.seed), args.resolution // m.vae.factor   # fixed previews
+        self.noise = torch.randn(16, m.sit.in_channels, latent, latent, generator=g).to(dist_env.device)
+        self.labels = torch.randint(0, args.num_classes, (16,), generator=g).to(dist_env.device)
+        self.bad_step, self.bad_vals = torch.full((), -1, device=dist_env.device), None
+        self.t0 = self.t_log = time.time()
+
+    def log(self, msg):
+        if self.d.is_main:
+            print(msg, flush=True)
+            print(msg, file=self.file, flush=True)
+
+    def after_step(self, step, logs, batch):
+        """After every update; True when a preemption signal asks the run to stop (a checkpoint is written)."""
+        self.vals, self.keys = torch.stack(list(logs.values())), list(logs)
+        new_bad = (self.bad_step < 0) & ~self.vals.isfinite().all()     # on the device: no host sync per step
+        self.bad_step = torch.where(new_bad, step, self.bad_step)
+        self.bad_vals = torch.where(new_bad, self.vals, self.vals if self.bad_vals is None else self.bad_vals)
+        self.skipped += int(batch["skipped"].sum())
+        if step % self.args.log_every == 0:
+            self.write_metrics(step)
+        if self.d.is_main and self.args.sample_every and step % self.args.sample_every == 0:
+            write_previews(self.m, batch["x"].to(self.d.device), step, self.sample_dir, self.noise, self.labels)
+        stop = torch.tensor([float(bool(self.stop))])
+        if self.d.world > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.d.ctrl)
+        if step % self.args.checkpointing_steps == 0 or stop.item():
+            self.checkpoint(step)
+        return bool(stop.item())
+
+    def check_finite(self):                                 # collective: every rank stops together
+        first = self.bad_step.clone()
+        if self.d.world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+        if first.item() >= 0:
+            names = [f"{k}={v}" for k, v in zip(self.keys, self.bad_vals.tolist()) if not math.isfinite(v)]
+            kept = f"the last good checkpoint is kept in {self.ckpt_dir}, resume from it with --resume auto" \
+                if os.listdir(self.ckpt_dir) else "no checkpoint was written before it"
+            fail(f"non-finite loss or gradient at step {int(first)}: {', '.join(names) or 'on another rank'}; "
+                 f"{kept}, and lower the learning rate", code=1)
+
+    def write_metrics(self, step):
+        self.check_finite()
+        vals = self.vals.clone()
+        if self.d.world > 1:
+            dist.all_reduce(vals)
+            vals /= self.d.world
+        now, args = time.time(), self.args
+        rate = (step - self.logged) / (now - self.t_log)
+        rec = dict(step=step, **dict(zip(self.keys, vals.tolist())), bn_mean=self.m.ema.bn.running_mean.mean().item(),
+                   bn_var=self.m.ema.bn.running_var.mean().item(), skipped_images=self.skipped,
+                   img_per_s=rate * args.batch_size * args.gradient_accumulation_steps, steps_per_s=rate,
+                   peak_mem_gb=peak_memory_gb(self.d.device), elapsed_s=now - self.t0,
+                   eta_s=(args.max_train_steps - step) / rate)
+        self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        if self.d.is_main:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.t_log, self.logged = now, step
+
+    def checkpoint(self, step):
+        self.check_finite()
+        path = os.path.join(self.ckpt_dir, f"{step:07d}.pt")
+        save_checkpoint(path, self.m, self.args, step, self.d)
+        self.saved = step
+        self.log(f"saved checkpoint {path}")
+
+    def finish(self, step, stopped):
+        """The last step's metrics and checkpoint, unless already written at that step."""
+        if self.logged != step:
+            self.write_metrics(step)
+        if self.saved != step:
+            self.checkpoint(step)
+        self.log(f"stopped by signal at step {step}; continue with --resume auto" if stopped else
+                 f"done: steps {self.step0} to {step} in {time.time() - self.t0:.1f}s")
+        if self.d.world > 1:
+            dist.destroy_process_group()
 
 
 #################################################################################
 #                                 Training loop                                  #
 #################################################################################
-# DiT-style: one process per GPU, a run folder with args.json, log.txt, metrics.jsonl, checkpoints/
-# and samples/. Values leave the device only at log steps; preemption signals end with a checkpoint.
+# DiT-style: one process per GPU, a run folder with args.json, log.txt, metrics.jsonl, checkpoints/ and samples/.
+# Exit status: 0 done or stopped by a signal after its checkpoint, 1 the run went wrong, 2 bad input.
 
 def setup(args, dist_env, resume=None):
     """Models on every rank from the same seed (DDP then agrees from step 0, EMA and random-weight
@@ -1015,129 +1330,65 @@ def setup(args, dist_env, resume=None):
     torch.manual_seed(args.seed)
     m = build(args, dist_env.device)
     torch.manual_seed(args.seed + dist_env.rank)
-    step, exact = 0, True
-    if resume:
-        step, exact = load_checkpoint(resume, m, args, dist_env)
-    else:
-        update_ema(m.ema, m.sit, decay=0.0)
+    step, exact = load_checkpoint(resume, m, args, dist_env) if resume else (0, True)
     return wrap_distributed(m, dist_env), step, exact
 
 
 def main(args):
-    dist_env = init_distributed()
-    device = dist_env.device
-    local_bs = args.batch_size // dist_env.world
-    run_dir = os.path.join(args.output_dir, args.exp_name)
-    ckpt_dir, sample_dir = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "samples")
-
+    """Each update takes K micro-batches from the loader (train_step); Monitor does the periodic work."""
+    dist_env = init_distributed(args.deterministic)
     dataset = build_dataset(args)
-    if len(dataset) < args.batch_size:
-        fail(f"the data has {len(dataset)} images, fewer than one global batch (--batch-size {args.batch_size})")
-    sampler = ResumableSampler(dataset, num_replicas=dist_env.world, rank=dist_env.rank, shuffle=True,
-                               seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=local_bs, sampler=sampler, num_workers=args.num_workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-        generator=torch.Generator())                        # its own seed draws: the global RNG stays exact
-    steps_per_epoch = len(sampler) // local_bs
-
-    resume = find_resume(args, ckpt_dir) if args.resume else None
+    run_dir, resume = prepare_run(args, dist_env)
     m, step, exact = setup(args, dist_env, resume)
-
-    log = print if dist_env.is_main else (lambda *a, **k: None)
-    if dist_env.is_main:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        os.makedirs(sample_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        log_file = open(os.path.join(run_dir, "log.txt"), "a")
-        log = lambda *a: [print(*a, flush=True), print(*a, file=log_file, flush=True)]
-    if args.smoke:
-        log("SMOKE RUN: random weights for every network and procedural images; the numbers are not a benchmark.")
-    log(f"SiT parameters: {sum(p.numel() for p in m.sit.parameters()):,}; VAE: "
-        f"{sum(p.numel() for p in m.vae.parameters()):,}; {len(dataset):,} images; {dist_env.world} processes on "
-        f"{device.type}; precision {m.amp_dtype or torch.float32}")
+    if step >= args.max_train_steps:
+        note(f"'{resume}' is at step {step}: --max-train-steps {args.max_train_steps} is reached, nothing to do")
+        return dist.destroy_process_group() if dist_env.world > 1 else None
+    if args.compile:
+        compile_blocks(m)
+    loader, K = data_loader(dataset, args, dist_env), args.gradient_accumulation_steps
+    mon = Monitor(args, dist_env, run_dir, m, step)
+    mon.log(f"SiT parameters: {sum(p.numel() for p in m.sit.parameters()):,} ({'smoke-size ' * args.smoke}"
+            f"{args.model}); VAE: {sum(p.numel() for p in m.vae.parameters()):,}; {len(dataset):,} "
+            f"{'procedural smoke' if isinstance(dataset, SmokeImages) else 'training'} images; {dist_env.world} "
+            f"processes on {dist_env.device.type}; precision {m.amp_dtype or torch.float32}; update batch "
+            f"{args.batch_size * K} ({K} x {args.batch_size})" + (" (random weights)" * args.random_weights))
     if resume:
-        log(f"resumed from {resume} at step {step}" + ("" if exact else " (other world size: RNG reseeded, not bitwise)"))
-
-    stop = []                                               # preemption: finish the step, checkpoint, exit 0
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda *_: stop.append(True))
-    g = torch.Generator().manual_seed(args.seed)            # fixed preview noise and labels
-    latent = args.resolution // m.vae.factor
-    preview_noise = torch.randn(16, m.sit.in_channels, latent, latent, generator=g).to(device)
-    preview_labels = torch.randint(0, args.num_classes, (16,), generator=g).to(device)
-    bad_step, bad_vals, keys = torch.full((), -1, device=device), None, None
-    t0, t_log, step_log = time.time(), time.time(), step
-    epoch, start = divmod(step, steps_per_epoch)
-
-    def check_finite():                                     # collective: every rank stops together
-        first = bad_step.clone()
-        if dist_env.world > 1:
-            dist.all_reduce(first, op=dist.ReduceOp.MAX)
-        if first.item() >= 0:
-            names = [f"{k}={v}" for k, v in zip(keys, bad_vals.tolist()) if not math.isfinite(v)]
-            fail(f"non-finite loss or gradient at step {int(first)}: {', '.join(names) or 'on another rank'}; "
-                 f"the last good checkpoint is kept in {ckpt_dir}, lower the learning rate or resume from it")
-
-    def checkpoint():
-        check_finite()
-        save_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), m, args, step, dist_env)
-        log(f"saved checkpoint {ckpt_dir}/{step:07d}.pt")
-
-    while step < args.max_train_steps:
-        sampler.set_epoch(epoch)
-        sampler.start = start * local_bs
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logs = repae_step(x, y, m, args)
-            step += 1
-            vals = torch.stack(list(logs.values()))
-            keys = list(logs)
-            new_bad = (bad_step < 0) & ~vals.isfinite().all()
-            bad_step = torch.where(new_bad, step, bad_step)
-            bad_vals = torch.where(new_bad, vals, vals if bad_vals is None else bad_vals)
-            if step % args.log_every == 0 or step == args.max_train_steps:
-                check_finite()
-                if dist_env.world > 1:
-                    dist.all_reduce(vals)
-                    vals /= dist_env.world
-                now = time.time()
-                rate = (step - step_log) / (now - t_log)
-                rec = dict(step=step, **dict(zip(keys, vals.tolist())), bn_mean=m.ema.bn.running_mean.mean().item(),
-                           bn_var=m.ema.bn.running_var.mean().item(), img_per_s=rate * args.batch_size,
-                           steps_per_s=rate, peak_mem_gb=peak_memory_gb(device), elapsed_s=now - t0,
-                           eta_s=(args.max_train_steps - step) / rate)
-                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-                if dist_env.is_main:
-                    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                t_log, step_log = now, step
-            if dist_env.is_main and args.sample_every and step % args.sample_every == 0:
-                write_previews(m, x, step, sample_dir, preview_noise, preview_labels)
-            stop_now = torch.tensor([float(bool(stop))])
-            if dist_env.world > 1:
-                dist.all_reduce(stop_now, op=dist.ReduceOp.MAX, group=dist_env.ctrl)
-            if step % args.checkpointing_steps == 0 or step == args.max_train_steps or stop_now.item():
-                checkpoint()
-            if stop_now.item():
-                log(f"stopped by signal at step {step}; resume with --resume auto")
-                return dist.destroy_process_group() if dist_env.world > 1 else None
-            if step >= args.max_train_steps:
-                break
+        mon.log(f"resumed from {resume} at step {step}" + ("" if exact else " (other world size: not bitwise)"))
+    epoch, start = divmod(step, len(loader) // K)
+    stopped = False
+    while not stopped and step < args.max_train_steps and epoch < args.epochs:
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.start = start * K * loader.batch_size
+        micro = []
+        for batch in loader:
+            micro.append(batch)
+            if len(micro) == K:
+                step += 1
+                stopped = mon.after_step(step, train_step(micro, m, args, dist_env.device), batch)
+                micro = []
+                if stopped or step >= args.max_train_steps:
+                    break
         epoch, start = epoch + 1, 0
-    log(f"done: {step} steps in {time.time() - t0:.1f}s")
-    if dist_env.world > 1:
-        dist.destroy_process_group()
+    mon.finish(step, stopped)
 
+
+#################################################################################
+#            Other modes: E2E-VAE export, latent cache, benchmark                #
+#################################################################################
+# --export-vae keeps the tuned VAE for a new SiT (paper Sec. 4.3); --cache-latents encodes the data once for
+# frozen-VAE training (the released cache_latents.py); --benchmark times the step on synthetic data.
 
 def export_vae(args):
-    """--export-vae CKPT: the end-to-end-tuned VAE (E2E-VAE) in the official VAE layout, and its latent
-    statistics from the EMA SiT's BN buffers, as <output-dir>/e2e-<vae>-<step>.pt and -latents-stats.pt."""
+    """--export-vae CKPT: the end-to-end-tuned VAE (E2E-VAE) of a REPA-E checkpoint in the released layout
+    (save_vae_weights.py): <output-dir>/e2e-<vae>-<step>.pt, its -latents-stats.pt from the EMA SiT's BN buffers,
+    and its -discriminator-ckpt.pt."""
     ckpt = load_file(args.export_vae, "--export-vae")
     if "vae" not in ckpt or "ema" not in ckpt:
         fail(f"'{args.export_vae}' has no 'vae' and 'ema' entries; export needs an end-to-end (REPA-E) checkpoint")
     run = ckpt.get("args", args)                            # the run's VAE type; ours or a released checkpoint
+    if getattr(run, "freeze_vae", False):
+        fail(f"'{args.export_vae}' comes from a frozen-VAE run, whose VAE is the unchanged {run.vae_ckpt}; "
+             f"export the checkpoint of an end-to-end run")
     vae = build_vae(run)
     load_state(vae, ckpt["vae"], f"the VAE in '{args.export_vae}'", "--export-vae")
     var, mean = ckpt["ema"]["bn.running_var"], ckpt["ema"]["bn.running_mean"]
@@ -1146,19 +1397,77 @@ def export_vae(args):
     torch.save(vae.state_dict(), path)
     torch.save(dict(latents_scale=var.rsqrt().view(1, -1, 1, 1), latents_bias=mean.view(1, -1, 1, 1)),
                path.replace(".pt", "-latents-stats.pt"))
+    if "discriminator" in ckpt:
+        torch.save(ckpt["discriminator"], path.replace(".pt", "-discriminator-ckpt.pt"))
     print(f"wrote {path} and its -latents-stats.pt; train a new SiT on it with --freeze-vae --vae-ckpt {path}")
 
 
+@torch.no_grad()
+def cache_latents(args):
+    """--cache-latents: one pass over --data-dir that stores every image's posterior moments cat(mean, std) as the
+    released cache_latents.py, here in <data-dir>/<name>.npy (float32 (N, 2C, h, w), a memmap) with <name>.json (what
+    made it) and <name>.done.npy (one flag per batch). Each process fills its share of batches; a rerun skips the
+    batches already done, so a killed pass resumes."""
+    dist_env = init_distributed(args.deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    ds, base, B = build_dataset(args), os.path.join(args.data_dir, args.vae_latents_name), args.pproc_batch_size
+    meta, n, batches = cache_meta(ds, args), len(ds), math.ceil(len(ds) / B)
+    vae = build_vae(args)
+    load_state(vae, load_file(args.vae_ckpt, "--vae-ckpt"), f"--vae-ckpt '{args.vae_ckpt}'", "--vae-ckpt/--vae")
+    vae.to(dist_env.device).eval()
+    if os.path.exists(base + ".json") and json.load(open(base + ".json")) != meta:
+        fail(f"'{base}.npy' holds the latents of another VAE, resolution or image folder; pick another "
+             f"--vae-latents-name (or delete {base}.*)")
+    if dist_env.is_main and not os.path.exists(base + ".json"):
+        h = args.resolution // vae.factor
+        np.lib.format.open_memmap(base + ".npy", "w+", np.float32, (n, 2 * vae.z_channels, h, h)).flush()
+        np.lib.format.open_memmap(base + ".done.npy", "w+", np.uint8, (batches,)).flush()
+        with open(base + ".json", "w") as f:
+            json.dump(meta, f)
+    if dist_env.world > 1:
+        dist.barrier(group=dist_env.ctrl)
+    moments, done = np.load(base + ".npy", mmap_mode="r+"), np.load(base + ".done.npy", mmap_mode="r+")
+    todo = [b for b in range(dist_env.rank, batches, dist_env.world) if not done[b]]
+    loader = torch.utils.data.DataLoader(ds, batch_size=B, sampler=[i for b in todo for i in range(b * B, min(n, b * B + B))],
+                                         num_workers=args.num_workers, pin_memory=dist_env.device.type == "cuda")
+    t0 = time.time()
+    for k, (b, batch) in enumerate(zip(todo, loader), 1):
+        q = vae.encode(batch["x"].to(dist_env.device).float() / 127.5 - 1)
+        moments[b * B:b * B + len(batch["x"])] = torch.cat([q.mean, q.std], 1).cpu().numpy()
+        moments.flush()
+        done[b] = 1
+        done.flush()
+        if dist_env.is_main and (k % 50 == 0 or k == len(todo)):
+            print(f"cached {k}/{len(todo)} batches of this process, {k * B / (time.time() - t0):.1f} images/s",
+                  flush=True)
+    if dist_env.world > 1:
+        dist.barrier(group=dist_env.ctrl)
+        dist.destroy_process_group()
+    if dist_env.is_main:
+        print(f"wrote {base}.npy: {n} images' posterior moments; train with --vae-latents-name {args.vae_latents_name}")
+
+
+# dense bf16 peak of the GPUs (TFLOP/s) for --benchmark's MFU; the first name contained in the device's wins
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312, "B200": 2250}
+
+
 def benchmark(args):
-    """--benchmark N: the configured models with random weights on synthetic batches; warm-up steps,
-    then N timed REPA-E steps with a device sync at each phase boundary. Rank 0 prints the figures."""
-    dist_env = init_distributed()
+    """--benchmark N: the configured models with random weights on synthetic batches. The FLOPs of one uncompiled
+    step are counted (FlopCounterMode) for the MFU; then warm-up (compile) and N timed steps with a device sync at
+    each phase boundary. Rank 0 prints the figures, and the graphs compiled during the timed steps (recompiles)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    dist_env = init_distributed(args.deterministic)
     device, local_bs, n = dist_env.device, args.batch_size // dist_env.world, args.benchmark
     m = setup(args, dist_env)[0]
     x = torch.randint(0, 256, (local_bs, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
     y = torch.randint(0, args.num_classes, (local_bs,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        repae_step(x, y, m, args)
+    t_compile = time.perf_counter()
+    if args.compile:
+        compile_blocks(m)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times, last = {}, [0.0]
+    times, last, graphs = {}, [0.0], torch._dynamo.utils.counters["stats"]
 
     def mark(phase):
         sync()
@@ -1170,21 +1479,31 @@ def benchmark(args):
     for i in range(warmup + n):
         if i == warmup:
             times.clear()
+            t_compile, compiled = time.perf_counter() - t_compile, graphs["unique_graphs"]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         sync()
         last[0] = time.perf_counter()
         repae_step(x, y, m, args)
     steps = torch.tensor([sum(ts) for ts in zip(*times.values())]) * 1000
+    step_s, flops = steps.median().item() / 1000, counter.get_total_flops()
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)),
+                                    None) if device.type == "cuda" else args.peak_tflops
     if dist_env.is_main:
-        print(f"benchmark: {args.model} + {args.vae}{' (smoke sizes)' if args.smoke else ''}, {args.resolution}px, "
-              f"global batch {args.batch_size}, {dist_env.world} process(es) on {device.type}, precision "
+        print(f"benchmark: {'smoke-size ' * args.smoke}{args.model} + {args.vae}, {args.resolution}px, global batch "
+              f"{args.batch_size}, {dist_env.world} process(es) on {device.type}, precision "
               f"{m.amp_dtype or torch.float32}, compile {'on' if args.compile else 'off'}, {n} timed steps")
         print(f"step_time_ms: median {steps.median():.1f} min {steps.min():.1f} max {steps.max():.1f}")
-        print(f"images_per_s: {args.batch_size / steps.median().item() * 1000:.2f}")
-        print(f"peak_memory_gb: {peak_memory_gb(device):.2f} ({'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'})")
+        print(f"images_per_s: {args.batch_size / step_s:.2f}")
+        print(f"peak_memory_gb: {peak_memory_gb(device):.2f} "
+              f"({'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'})")
         for phase, ts in times.items():
             print(f"time_{phase}_ms: median {1000 * torch.tensor(ts).median():.1f}")
+        print(f"flops_per_step: {flops / 1e12:.4f} TFLOP per process; achieved {flops / step_s / 1e12:.2f} TFLOP/s")
+        print(f"mfu: {100 * flops / step_s / (peak * 1e12):.1f}% of {peak} TFLOP/s dense bf16" if peak else
+              "mfu: n/a (no known peak for this device; pass --peak-tflops)")
+        print(f"warmup_s: {t_compile:.1f} ({warmup} steps{', compile included' * args.compile}); graphs compiled: "
+              f"{compiled}, of which during the timed steps (recompiles): {graphs['unique_graphs'] - compiled}")
     if dist_env.world > 1:
         dist.destroy_process_group()
 
@@ -1192,87 +1511,195 @@ def benchmark(args):
 #################################################################################
 #                                Command line                                    #
 #################################################################################
-# Flag names follow the official train_repae.py, so its commands carry over. Defaults are the
-# paper's headline run: SiT-XL/2 on SD-VAE (f8d4), DINOv2-B, depth 8, coefficients 0.5 and 1.5.
+# Flag names follow the released train_repae.py, train_ldm_only.py and cache_latents.py, so their commands
+# carry over. Defaults are the paper's headline run: SiT-XL/2 on SD-VAE (f8d4), DINOv2-B, depth 8, 0.5 / 1.5.
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (see fail), not the whole usage text; exact flag names only."""
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, **kw)
+
+    def error(self, message):
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def at_least(n):
+    def number(text):                                       # argparse names it in "invalid number value"
+        if int(text) < n:
+            raise argparse.ArgumentTypeError(f"must be at least {n}, got {text}")
+        return int(text)
+    return number
+
+
+def note(msg):
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{os.path.basename(sys.argv[0])}: note: {msg}", file=sys.stderr, flush=True)
+
+
+# configs/l1_lpips_kl_gan.yaml of the released code: the L_REG that vae_regulariser computes
+RELEASED_LOSS_CFG = dict(quantize_mode="vae", discriminator_start=0, discriminator_factor=1, discriminator_weight=0.1,
+                         quantizer_weight=1, perceptual_loss="lpips", perceptual_weight=1, reconstruction_loss="l1",
+                         reconstruction_weight=1, lecam_regularization_weight=0, kl_weight=1e-6, logvar_init=0)
+
+
+def check_loss_cfg(path):
+    """--loss-cfg-path is accepted when it is the released config (its leaf `key: value` lines), refused otherwise."""
+    if not os.path.isfile(path):
+        fail(f"--loss-cfg-path '{path}' does not exist; drop the flag, the released L1 + LPIPS + KL + GAN loss is built in")
+    for line in open(path):
+        key, _, value = (part.strip().strip("'\"") for part in line.split("#")[0].partition(":"))
+        number = value.replace(".", "", 1).replace("e-", "", 1).isdigit()
+        if value and RELEASED_LOSS_CFG.get(key, object()) != (float(value) if number else value):
+            fail(f"--loss-cfg-path '{path}' sets {key}: {value}, but this implementation computes only the released "
+                 f"configs/l1_lpips_kl_gan.yaml ({RELEASED_LOSS_CFG}); drop the flag or change the code")
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="REPA-E: end-to-end training of a VAE and a latent diffusion transformer")
-    a = p.add_argument
-    a("--data-dir", default=None, help="ImageFolder tree: one sub-folder of images per class")
-    a("--max-images", type=int, default=None, help="train on a spread-out subset of this many images")
-    a("--resolution", type=int, default=256)
-    a("--num-classes", type=int, default=1000)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = Parser(description="REPA-E: end-to-end training of a VAE and a latent diffusion transformer")
+    a, on_off = p.add_argument, argparse.BooleanOptionalAction
+    a("--data-dir", default=None, help="ImageFolder tree, one sub-folder of images per class; default: data, as the "
+                                       "released scripts (--smoke alone trains on procedural images)")
+    a("--max-images", type=at_least(1), default=None, help="train on a spread-out subset of this many images")
+    a("--resolution", type=at_least(32), default=256)
+    a("--num-classes", type=at_least(1), default=1000)
     a("--model", default="SiT-XL/2", choices=list(SiT_models))
-    a("--vae", default="f8d4", choices=list(vae_models))
-    a("--vae-ckpt", default="pretrained/sdvae/sdvae-f8d4.pt", help="VAE weights (official LDM layout)")
+    a("--vae", "--vae-arch", default="f8d4", choices=list(vae_models))
+    a("--vae-ckpt", "--vae-ckpt-path", default=None, help="VAE weights (official LDM layout); default for f8d4: "
+                                                        "pretrained/sdvae/sdvae-f8d4.pt")
     a("--latents-stats", default=None, help="latent statistics; default: <vae-ckpt>-latents-stats.pt")
     a("--disc-pretrained-ckpt", "--disc-ckpt", default=None, help="discriminator weights; random init if absent")
     a("--vgg-ckpt", default=None, help="torchvision VGG16 weights for LPIPS; default: downloaded once")
     a("--lpips-ckpt", default=None, help="LPIPS heads (taming vgg.pth); default: downloaded once")
     a("--enc-type", default="dinov2-vit-b", help="alignment encoder(s), comma separated, e.g. dinov2-vit-b")
     a("--enc-ckpt", default=None, help="local timm model.safetensors for each --enc-type (offline clusters)")
-    a("--encoder-depth", type=int, default=8, help="SiT block whose tokens are aligned (8 for L/XL)")
+    a("--encoder-depth", type=at_least(1), default=8, help="SiT block whose tokens are aligned (8 for L/XL)")
     a("--proj-coeff", type=float, default=0.5, help="weight of L_REPA in the SiT loss")
     a("--vae-align-proj-coeff", type=float, default=1.5, help="weight of L_REPA in the VAE loss")
     a("--bn-momentum", type=float, default=0.1)
+    a("--qk-norm", action=on_off, default=False, help="LayerNorm on queries and keys (timm's qk_norm)")
+    a("--fused-attn", action=on_off, default=True, help="attention by scaled_dot_product_attention (always on)")
     a("--cfg-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
     a("--path-type", default="linear", choices=["linear", "cosine"])
+    a("--prediction", default="v", choices=["v"], help="the SiT predicts the velocity (the released code's only choice)")
     a("--weighting", default="uniform", choices=["uniform", "lognormal"], help="distribution of t")
     a("--freeze-vae", action="store_true", help="keep the VAE frozen: REPA (and vanilla SiT with --proj-coeff 0)")
-    a("--stop-grad", action=argparse.BooleanOptionalAction, default=True,
+    a("--stop-grad", action=on_off, default=True,
       help="--no-stop-grad lets L_DIFF reach the VAE: the naive end-to-end ablation that collapses")
-    a("--batch-size", type=int, default=256, help="global batch size over all processes")
+    a("--vae-latents-name", default=None, help="train a frozen-VAE SiT from <data-dir>/<name>.npy, the latent "
+                                               "cache that --cache-latents wrote (implies --freeze-vae)")
+    a("--loss-cfg-path", default=None, help="accepted when it is the released configs/l1_lpips_kl_gan.yaml")
+    a("--batch-size", type=at_least(1), default=256, help="images per micro-batch over all processes")
+    a("--gradient-accumulation-steps", type=at_least(1), default=1, help="micro-batches per optimiser update")
     a("--learning-rate", type=float, default=1e-4)
     a("--vae-learning-rate", type=float, default=1e-4)
     a("--disc-learning-rate", type=float, default=1e-4)
+    a("--adam-beta1", type=float, default=0.9)
+    a("--adam-beta2", type=float, default=0.999)
+    a("--adam-weight-decay", type=float, default=0.0)
+    a("--adam-epsilon", type=float, default=1e-8)
     a("--max-grad-norm", type=float, default=1.0)
     a("--ema-decay", type=float, default=0.9999)
-    a("--max-train-steps", type=int, default=400_000)
-    a("--checkpointing-steps", type=int, default=50_000)
-    a("--log-every", type=int, default=100)
-    a("--sample-every", type=int, default=10_000, help="EMA sample and reconstruction grids; 0 turns them off")
-    a("--output-dir", default="exps")
+    a("--max-train-steps", type=at_least(1), default=400_000)
+    a("--epochs", type=at_least(1), default=1400, help="stop after this many passes over the data, if earlier")
+    a("--checkpointing-steps", type=at_least(1), default=50_000)
+    a("--log-every", type=at_least(1), default=100)
+    a("--sample-every", "--sampling-steps", type=at_least(0), default=10_000,
+      help="EMA sample and reconstruction grids; 0 turns them off")
+    a("--output-dir", default=None, help="parent of the run folder (default: exps)")
     a("--exp-name", default=None, help="run folder name; default derived from the configuration")
     a("--resume", default=None, help="'auto' (latest checkpoint of this run) or a checkpoint path")
+    a("--resume-step", type=at_least(1), default=None, help="resume from checkpoints/<step>.pt of this run or of "
+                                                          "--continue-train-exp-dir")
+    a("--continue-train-exp-dir", default=None, help="run folder whose checkpoint --resume-step names")
+    a("--report-to", default=None, help="accepted; metrics go to the run's metrics.jsonl and log.txt")
+    a("--logging-dir", default=None, help="accepted; metrics go to the run's metrics.jsonl and log.txt")
+    a("--wandb-history-path", default=None, help="accepted; metrics go to the run's metrics.jsonl and log.txt")
     a("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"], help="autocast dtype on CUDA (CPU: fp32)")
-    a("--allow-tf32", action=argparse.BooleanOptionalAction, default=True)
+    a("--allow-tf32", action=on_off, default=True)
+    a("--deterministic", action="store_true", help="deterministic CUDA kernels, so that a resumed run is bitwise "
+                                                   "equal to an uninterrupted one on GPUs too (slower)")
     a("--seed", type=int, default=0)
-    a("--num-workers", type=int, default=4)
-    a("--random-weights", action="store_true", help="random weights for every pretrained piece (no downloads)")
-    a("--export-vae", default=None, metavar="CKPT", help="write the tuned VAE of a REPA-E checkpoint to --output-dir")
-    a("--benchmark", type=int, default=0, metavar="N", help="time N REPA-E steps on synthetic data, random weights")
-    a("--compile", action="store_true", help="torch.compile the SiT, VAE, encoder, LPIPS and discriminator")
+    a("--num-workers", type=at_least(0), default=min(4, len(os.sched_getaffinity(0))))
+    a("--random-weights", action="store_true", help="random weights for every pretrained piece whose file is not given")
+    a("--compile", action=on_off, default=False, help="torch.compile the repeated blocks of every network")
     a("--vae-checkpointing", action="store_true", help="recompute VAE decoder activations in backward (saves memory)")
     a("--smoke", action="store_true", help="tiny random-weight models on procedural images (or on --data-dir): "
                                            "a quick check of the pipeline, not a benchmark")
+    a("--export-vae", default=None, metavar="CKPT", help="write the tuned VAE of a REPA-E checkpoint to --output-dir")
+    a("--cache-latents", action="store_true", help="write the VAE posterior of every --data-dir image to "
+                                                   "<data-dir>/<--vae-latents-name>.npy, then stop")
+    a("--pproc-batch-size", type=at_least(1), default=None, help="images per process and batch of --cache-latents")
+    a("--benchmark", type=at_least(0), default=0, metavar="N", help="time N steps on synthetic data, random weights")
+    a("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for the MFU of --benchmark")
+    if "--smoke" in argv:                                   # its defaults; flags given still win
+        p.set_defaults(resolution=64, num_classes=None, batch_size=8, max_train_steps=40, checkpointing_steps=20,
+                       log_every=10, sample_every=20, num_workers=0, encoder_depth=2, exp_name="smoke")
     args = p.parse_args(argv)
+    check_args(args, p)
+    return args
 
-    if args.smoke:                                          # defaults of the smoke run, unless given explicitly
-        given = {s.split("=")[0] for s in (argv if argv is not None else sys.argv[1:]) if s.startswith("--")}
-        for flag, value in dict(resolution=64, num_classes=10, batch_size=8, max_train_steps=40, checkpointing_steps=20,
-                                log_every=10, sample_every=20, num_workers=0, encoder_depth=2, max_images=256,
-                                exp_name="smoke").items():
-            if "--" + flag.replace("_", "-") not in given:
-                setattr(args, flag, value)
-    if args.smoke or args.benchmark:
-        args.random_weights = True
+
+def check_args(args, p):
+    """Every combination that cannot work is refused here, before a model is built or a file written."""
+    args.random_weights = args.random_weights or args.smoke or bool(args.benchmark)
+    if args.vae_ckpt is None and not args.random_weights:
+        if args.vae != "f8d4":
+            p.error(f"--vae {args.vae} needs its weights: pass --vae-ckpt (e.g. pretrained/vavae/vavae-f16d32.pt)")
+        args.vae_ckpt = "pretrained/sdvae/sdvae-f8d4.pt"
+    if args.vae_latents_name and not args.cache_latents and not args.freeze_vae:
+        note("--vae-latents-name trains on cached latents of a frozen VAE, so the VAE stays frozen (--freeze-vae)")
+        args.freeze_vae = True
     if args.freeze_vae and not args.stop_grad:
         p.error("--no-stop-grad sends L_DIFF into the VAE, which --freeze-vae keeps frozen; use one of them")
     if args.proj_coeff == 0 and not args.freeze_vae:
         p.error("--proj-coeff 0 leaves the projector untrained, so L_REPA cannot guide the VAE; "
                 "use it with --freeze-vae (the vanilla SiT baseline)")
-    world = int(os.environ.get("WORLD_SIZE", 1))               # set by torchrun
+    if not args.fused_attn:
+        p.error("--no-fused-attn selects timm's unfused attention, which computes the same values; this "
+                "implementation always uses scaled_dot_product_attention, drop the flag")
+    world = int(os.environ.get("WORLD_SIZE", 1))            # set by torchrun
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} is global and not divisible by the {world} processes")
     if args.resolution % 32:
         p.error(f"--resolution {args.resolution} must be a multiple of 32 (VAE factor x SiT patch x DINOv2 grid)")
+    for e in args.enc_type.split(","):
+        dinov2_timm_name(e)
+    if args.enc_ckpt and len(args.enc_ckpt.split(",")) != len(args.enc_type.split(",")):
+        p.error(f"--enc-ckpt names {len(args.enc_ckpt.split(','))} file(s) for {len(args.enc_type.split(','))} "
+                f"--enc-type encoder(s); give one per encoder")
+    if args.resume and args.resume_step:
+        p.error("--resume and --resume-step both name the checkpoint to continue from; give one")
+    if args.continue_train_exp_dir and not args.resume_step:
+        p.error("--continue-train-exp-dir names the run to continue; say which checkpoint with --resume-step")
+    if args.loss_cfg_path:
+        check_loss_cfg(args.loss_cfg_path)
+    if args.cache_latents:
+        if not (args.vae_latents_name and args.vae_ckpt) or args.output_dir or args.max_images:
+            p.error("--cache-latents writes <data-dir>/<name>.npy next to the images, where training reads it: "
+                    "it needs --vae-latents-name and --vae-ckpt, and takes no --output-dir or --max-images")
+    elif args.pproc_batch_size:
+        p.error("--pproc-batch-size is the batch of --cache-latents; training uses --batch-size")
+    for flag in ("report_to", "logging_dir", "wandb_history_path"):
+        if getattr(args, flag):
+            note(f"--{flag.replace('_', '-')} is accepted, but this implementation has no experiment trackers: "
+                 f"metrics go to the run folder's metrics.jsonl and log.txt; the run continues")
+    args.output_dir = args.output_dir or "exps"
+    if args.data_dir is None and (args.cache_latents or not args.smoke):
+        args.data_dir = "data"
+    if args.num_classes is None:                            # --smoke: the classes of --data-dir, else 10
+        args.num_classes = sum(e.is_dir() for e in os.scandir(args.data_dir)) if args.data_dir and \
+            os.path.isdir(args.data_dir) else 10
     if args.exp_name is None:
         mode = "vanilla" if args.freeze_vae and args.proj_coeff == 0 else "repa" if args.freeze_vae else \
             "repae" if args.stop_grad else "repae-nostopgrad"
         args.exp_name = f"{args.model.replace('/', '-')}-{args.vae}-{mode}-{args.resolution}"
-    return args
+    if args.resume_step:
+        run = args.continue_train_exp_dir or os.path.join(args.output_dir, args.exp_name)
+        args.resume = os.path.join(run, "checkpoints", f"{args.resume_step:07d}.pt")
 
 
 if __name__ == "__main__":
     args = parse_args()
-    export_vae(args) if args.export_vae else benchmark(args) if args.benchmark else main(args)
+    export_vae(args) if args.export_vae else cache_latents(args) if args.cache_latents else \
+        benchmark(args) if args.benchmark else main(args)

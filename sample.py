@@ -19,7 +19,7 @@ import torchvision
 from PIL import Image
 
 import repae
-from repae import fail, interpolant
+from repae import euler_sampler, fail, guided, interpolant
 
 
 #################################################################################
@@ -27,40 +27,6 @@ from repae import fail, interpolant
 #################################################################################
 # The SiT predicts a velocity v(x_t, t, y). Classifier-free guidance mixes the conditional and the
 # null-label (index num_classes) predictions, only for guidance_low <= t <= guidance_high.
-
-def guided(model, x, t, y, cfg_scale, guidance_low, guidance_high, fn=lambda v, x, t: v, t_cfg=None):
-    """fn(v, x, t) of the model's velocity at (x, t), guided where CFG applies (decided at t_cfg, default t).
-    The unconditional pass runs only inside the interval, batched with the conditional one."""
-    t_cfg = t if t_cfg is None else t_cfg
-    use_cfg = cfg_scale > 1.0 and guidance_low <= t_cfg <= guidance_high
-    x_in = torch.cat([x, x]) if use_cfg else x
-    y_in = torch.cat([y, torch.full_like(y, model.num_classes)]) if use_cfg else y
-    t_in = torch.full((x_in.shape[0],), t, dtype=torch.float64, device=x.device)
-    v = model(x_in.to(torch.float32), t_in.to(torch.float32), y_in, mode="sample")[0].to(torch.float64)
-    d = fn(v, x_in, t_in.view(-1, 1, 1, 1))
-    if use_cfg:
-        d_cond, d_uncond = d.chunk(2)
-        d = d_uncond + cfg_scale * (d_cond - d_uncond)
-    return d
-
-
-@torch.no_grad()
-def euler_sampler(model, noise, y, num_steps=50, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
-                  heun=False):
-    """Euler ODE on linspace(1, 0, N+1), optional Heun correction on all but the last step; in float64.
-    As in the reference, the corrector is guided iff the predictor's t_cur lies in the interval."""
-    t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
-    x = noise.to(torch.float64)
-    cfg = dict(cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high)
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1].tolist(), t_steps[1:].tolist())):
-        d = guided(model, x, t_cur, y, **cfg)
-        x_next = x + (t_next - t_cur) * d
-        if heun and i < num_steps - 1:
-            d_next = guided(model, x_next, t_next, y, **cfg, t_cfg=t_cur)
-            x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d_next)
-        x = x_next
-    return x
-
 
 def score_from_velocity(v, x, t, path_type):
     """Score of x_t from the predicted velocity: for the linear path
@@ -133,7 +99,7 @@ def load_models(args, device, log):
     # The EMA BN buffers are the latent statistics the SiT was trained with (initialised from the
     # VAE's file, then tracked); --latents-stats is for checkpoints that normalised with a fixed file.
     scale, bias = repae.load_latent_stats(args.latents_stats) if args.latents_stats else model.latent_stats()
-    log(f"EMA SiT {cfg.model}{' (smoke)' if cfg.smoke else ''} from '{args.ckpt}' (step {ckpt.get('steps')}), "
+    log(f"EMA SiT {'smoke-size ' * cfg.smoke}{cfg.model} from '{args.ckpt}' (step {ckpt.get('steps')}), "
         f"VAE from {vae_from}, latent stats from {args.latents_stats or 'the EMA BatchNorm'}")
     return model.eval().to(device), vae.eval().to(device), scale.to(device), bias.to(device), cfg
 
@@ -191,15 +157,15 @@ def generate(indices, model, vae, scale, bias, schedule, args, amp):
 # DiT sample_ddp.py layout: one process per GPU, each draws its share of the missing batches;
 # rank 0 writes the .npz once all N PNGs exist. Settings are kept in args.json to refuse mixing.
 
-def default_sample_dir(args):
-    """samples/<run>-<step>-<settings> for exps/<run>/checkpoints/<step>.pt."""
+def sample_folder(args):
+    """<sample-dir>/<run>-<step>-<settings> for exps/<run>/checkpoints/<step>.pt, as generate.py names its folder."""
     ckpt_dir, name = os.path.split(os.path.splitext(os.path.abspath(args.ckpt))[0])
     if os.path.basename(ckpt_dir) == "checkpoints":
         name = f"{os.path.basename(os.path.dirname(ckpt_dir))}-{name}"
     what = "grid" if args.grid else f"n{args.num_fid_samples}{'-balanced' if args.balanced else ''}"
-    return os.path.join("samples", f"{name}-{args.mode}{args.num_steps}{'-heun' if args.heun else ''}"
-                                   f"-cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}"
-                                   f"-seed{args.global_seed}-{what}")
+    return os.path.join(args.sample_dir, f"{name}-{args.mode}{args.num_steps}{'-heun' if args.heun else ''}"
+                                         f"-cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}"
+                                         f"-seed{args.global_seed}-{what}")
 
 
 @torch.no_grad()
@@ -217,7 +183,7 @@ def main(args):
     dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype is not None)
     gen = lambda indices: generate(indices, model, vae, scale, bias, schedule, args, amp)
-    sample_dir = args.sample_dir or default_sample_dir(args)
+    sample_dir = sample_folder(args)
     png = lambda i: os.path.join(sample_dir, f"{i:06d}.png")
 
     if args.grid:
@@ -231,14 +197,14 @@ def main(args):
 
     n, b, todo = args.num_fid_samples, args.pproc_batch_size, [None]
     settings = {k: v for k, v in dict(vars(args), ckpt=os.path.abspath(args.ckpt)).items()
-                if k not in ("sample_dir", "pproc_batch_size")}
+                if k not in ("sample_dir", "pproc_batch_size", "exp_path", "train_steps")}
+    saved = os.path.join(sample_dir, "args.json")
+    old = json.load(open(saved)) if os.path.isfile(saved) else settings
+    if old != settings:
+        fail(f"'{sample_dir}' holds samples drawn with other settings (old, new): "
+             f"{ {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v} }; pass another --sample-dir")
     if dist_env.is_main:                                    # rank 0 lists the work, every rank takes its share
         os.makedirs(sample_dir, exist_ok=True)
-        saved = os.path.join(sample_dir, "args.json")
-        old = json.load(open(saved)) if os.path.isfile(saved) else settings
-        if old != settings:
-            fail(f"'{sample_dir}' holds samples drawn with other settings (old, new): "
-                 f"{ {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v} }; pass another --sample-dir")
         with open(saved, "w") as f:
             json.dump(settings, f, indent=2)
         # A batch with any PNG missing is redrawn whole: same batch, same floats, same PNGs.
@@ -281,18 +247,20 @@ def main(args):
 # Defaults: the paper's evaluation sampler (SDE, 250 steps) without guidance.
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample a REPA-E / SiT checkpoint to PNGs and an ADM .npz")
+    p = repae.Parser(description="Sample a REPA-E / SiT checkpoint to PNGs and an ADM .npz")
     a = p.add_argument
-    a("--ckpt", required=True, help="training checkpoint (repae.py or released REPA-E): its EMA SiT is used")
+    a("--ckpt", default=None, help="training checkpoint (repae.py or released REPA-E): its EMA SiT is used")
+    a("--exp-path", default=None, help="a run folder; with --train-steps N its checkpoints/<N>.pt (generate.py)")
+    a("--train-steps", type=repae.at_least(0), default=None, help="the step of the --exp-path checkpoint")
     a("--vae-ckpt", default=None, help="VAE weights; default: the checkpoint's `vae`, else the run's --vae-ckpt")
     a("--latents-stats", default=None, help="latent statistics file; default: the EMA SiT's BatchNorm buffers")
-    a("--sample-dir", default=None, help="PNG folder (the .npz goes next to it); default: samples/<ckpt>-<settings>")
-    a("--num-fid-samples", type=int, default=50_000)
-    a("--pproc-batch-size", type=int, default=128, help="batch per process")
+    a("--sample-dir", default="samples", help="parent of the PNG folder <run>-<step>-<settings> and its .npz")
+    a("--num-fid-samples", type=repae.at_least(1), default=50_000)
+    a("--pproc-batch-size", type=repae.at_least(1), default=128, help="batch per process")
     a("--global-seed", type=int, default=0)
     a("--mode", default="sde", choices=["ode", "sde"])
-    a("--num-steps", type=int, default=250)
-    a("--heun", action="store_true", help="Heun correction (ODE only)")
+    a("--num-steps", type=repae.at_least(1), default=250)
+    a("--heun", action=argparse.BooleanOptionalAction, default=False, help="Heun correction (ODE only)")
     a("--cfg-scale", type=float, default=1.0, help="1 = no guidance; paper: 2.2 (SD-VAE SiT-XL/2), 2.5 (E2E-VA-VAE)")
     a("--guidance-low", type=float, default=0.0)
     a("--guidance-high", type=float, default=1.0, help="paper: 0.65 (SD-VAE SiT-XL/2), 0.75 (E2E-VA-VAE)")
@@ -304,11 +272,15 @@ def parse_args(argv=None):
     # overrides of the checkpoint's args (a checkpoint without args: the defaults of repae.py)
     a("--model", default=None, choices=list(repae.SiT_models))
     a("--vae", default=None, choices=list(repae.vae_models))
-    a("--resolution", type=int, default=None)
-    a("--num-classes", type=int, default=None)
-    a("--encoder-depth", type=int, default=None)
+    a("--resolution", type=repae.at_least(32), default=None)
+    a("--num-classes", type=repae.at_least(1), default=None)
+    a("--encoder-depth", type=repae.at_least(1), default=None)
     a("--path-type", default=None, choices=["linear", "cosine"])
     args = p.parse_args(argv)
+    if (args.ckpt is None) == (args.exp_path is None) or (args.exp_path is None) != (args.train_steps is None):
+        p.error("name the checkpoint with --ckpt, or with --exp-path and --train-steps (generate.py's flags)")
+    if args.exp_path:
+        args.ckpt = os.path.join(args.exp_path, "checkpoints", f"{args.train_steps:07d}.pt")
     if args.heun and args.mode != "ode":
         p.error("--heun corrects the ODE sampler only; add --mode ode")
     if args.cfg_scale < 1:

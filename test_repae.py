@@ -5,6 +5,8 @@ import functools
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torchvision.models.inception import Inception3
 
@@ -24,6 +28,24 @@ import sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"), device_ids=None, ctrl=None, is_main=True)
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; its CPU stand-in runs here")
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_cuda_test(request, monkeypatch):
+    """Tests of CPU and gloo semantics run on the CPU even on a GPU machine (subprocesses too); the tests named
+    *_cuda_* see the GPUs."""
+    if "_cuda" not in request.node.name:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def error(capsys, fn, *a, code=2):
+    """What fn(*a) printed on stderr when it stopped with one sentence (SystemExit with status `code`)."""
+    with pytest.raises(SystemExit) as e:
+        fn(*a)
+    assert e.value.code == code
+    return capsys.readouterr().err
 
 
 def smoke_args(*extra):
@@ -37,8 +59,8 @@ def tiny_run(*extra, seed=0):
     m = repae.wrap_distributed(repae.build(args, CPU.device), CPU)
     repae.update_ema(m.ema, m.sit, 0.0)
     ds = repae.SmokeImages(8, args.resolution, args.num_classes)
-    x = torch.stack([ds[i][0] for i in range(4)])
-    y = torch.tensor([ds[i][1] for i in range(4)])
+    x = torch.stack([ds[i]["x"] for i in range(4)])
+    y = torch.tensor([ds[i]["y"] for i in range(4)])
     return args, m, x, y
 
 
@@ -174,7 +196,7 @@ def test_vae_update_gets_grads_sit_none_and_bn_untouched():
     assert not seen["sit_training"]
     assert all(torch.equal(a, b) for a, b in zip(seen["bn"], bn_before))          # VAE pass: running stats kept
     assert not torch.equal(m.sit.bn.running_mean, bn_before[0])                     # SiT pass: updated
-    assert all(p.requires_grad for p in m.sit_params) and not m.sit.pos_embed.requires_grad
+    assert all(p.requires_grad for p in m.sit_params) and m.sit.pos_embed.requires_grad
     assert {"loss_vae", "vae_l_repa", "l1", "lpips", "kl", "gan", "loss_disc", "loss_sit", "l_diff", "l_repa",
             "grad_norm_vae", "grad_norm_disc", "grad_norm_sit", "latent_var", "latent_tv"} <= set(logs)
     assert all(torch.isfinite(v) for v in logs.values())
@@ -234,27 +256,115 @@ def test_frozen_vae_baselines_build_nothing_they_do_not_need():
 #                       Weights and bad input: one clear sentence                #
 #################################################################################
 
-def test_missing_and_mismatched_weights(tmp_path):
-    with pytest.raises(SystemExit, match="--vae-ckpt"):
-        repae.build(repae.parse_args(["--vae-ckpt", str(tmp_path / "nope.pt"), "--model", "SiT-S/2"]), CPU.device)
+def test_missing_and_mismatched_weights(tmp_path, capsys):
+    args = repae.parse_args(["--vae-ckpt", str(tmp_path / "nope.pt"), "--model", "SiT-S/2"])
+    assert "nope.pt' does not exist; pass the right path with --vae-ckpt" in error(capsys, repae.build, args, CPU.device)
     torch.save(repae.AutoencoderKL(ch=32, ch_mult=(1, 2), z_channels=4, num_res_blocks=1).state_dict(), tmp_path / "v.pt")
-    with pytest.raises(SystemExit, match=r"does not match the model .*missing keys.*shape mismatches.*--vae"):
-        repae.load_state(repae.vae_models["f8d4"](), torch.load(tmp_path / "v.pt"), "--vae-ckpt", "--vae-ckpt/--vae")
+    msg = error(capsys, repae.load_state, repae.vae_models["f8d4"](), torch.load(tmp_path / "v.pt"), "--vae-ckpt",
+                "--vae-ckpt/--vae")
+    assert re.search(r"does not match the model .*missing keys.*shape mismatches.*--vae", msg)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="corrupt"):
-        repae.load_file(str(tmp_path / "bad.pt"), "--resume")
+    assert "corrupt" in error(capsys, repae.load_file, str(tmp_path / "bad.pt"), "--resume")
 
 
-def test_dinov2_offline_fails_fast_naming_the_flag(tmp_path, monkeypatch):
+def test_dinov2_offline_fails_fast_naming_the_flag(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit, match="--enc-ckpt"):
-        repae.load_encoder("dinov2-vit-b", 256)
-    with pytest.raises(SystemExit, match="--enc-ckpt"):
-        repae.load_encoder("dinov2-vit-b", 256, ckpt=str(tmp_path / "missing.safetensors"))
-    with pytest.raises(SystemExit, match="dinov2-vit"):
-        repae.dinov2_timm_name("mocov3-vit-b")
+    assert "--enc-ckpt" in error(capsys, repae.load_encoder, "dinov2-vit-b", 256)
+    assert "--enc-ckpt" in error(capsys, repae.load_encoder, "dinov2-vit-b", 256, str(tmp_path / "missing.safetensors"))
+    assert "dinov2-vit" in error(capsys, repae.dinov2_timm_name, "mocov3-vit-b")
     assert repae.dinov2_timm_name("dinov2-vit-l-reg") == "vit_large_patch14_reg4_dinov2.lvd142m"
+
+
+class _TamingNetLinLayer(nn.Module):
+    """taming-transformers' NetLinLayer, the module whose state_dict is vgg.pth: a dropout slot, a 1x1 conv."""
+    def __init__(self, c):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """Weight files in their publishers' layouts, made by the libraries that define them, with random weights:
+    torchvision's vgg16-397923af.pth, taming's vgg.pth, timm's DINOv2 model.safetensors at its published 518 px,
+    the REPA-E SD-VAE with its -latents-stats.pt and discriminator, and pytorch-fid's Inception."""
+    import safetensors.torch
+    import timm
+    d = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.vgg16().state_dict(), d / "vgg16-397923af.pth")
+    heads = nn.Module()
+    for i, c in enumerate((64, 128, 256, 512, 512)):
+        setattr(heads, f"lin{i}", _TamingNetLinLayer(c))
+        nn.init.uniform_(heads.get_submodule(f"lin{i}.model.1").weight, 0, 0.1)   # learned heads are >= 0
+    torch.save(heads.state_dict(), d / "vgg.pth")
+    dinov2 = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False)
+    assert dinov2.pos_embed.shape == (1, 37 * 37 + 1, 384)                   # the 518 px grid of the release
+    safetensors.torch.save_file(dinov2.state_dict(), d / "model.safetensors")
+    torch.save(repae.vae_models["f8d4"]().state_dict(), d / "sdvae-f8d4.pt")
+    torch.save(dict(latents_scale=torch.tensor([0.18, 0.2, 0.25, 0.3]).view(1, 4, 1, 1),
+                    latents_bias=torch.tensor([0.1, -0.1, 0.2, 0.0]).view(1, 4, 1, 1)), d / "sdvae-f8d4-latents-stats.pt")
+    torch.save(repae.NLayerDiscriminator().state_dict(), d / "sdvae-f8d4-discriminator-ckpt.pt")
+    torch.save(Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict(), d / "pt_inception.pth")
+    return d
+
+
+def test_lpips_from_torchvision_vgg16_and_taming_heads_equals_a_direct_computation(published):
+    lpips = repae.load_lpips(str(published / "vgg16-397923af.pth"), str(published / "vgg.pth"))
+    vgg = torchvision.models.vgg16()
+    vgg.load_state_dict(torch.load(published / "vgg16-397923af.pth", weights_only=True))
+    heads = torch.load(published / "vgg.pth", weights_only=True)
+    x, y = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (1, 2))
+    shift, scale = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    a, b, want, k = ((2 * x - 1) - shift) / scale, ((2 * y - 1) - shift) / scale, 0, 0   # the released [-3, 1] quirk
+    with torch.no_grad():
+        for i, layer in enumerate(vgg.eval().features):
+            a, b = layer(a), layer(b)
+            if i in (3, 8, 15, 22, 29):                     # relu1_2 ... relu5_3
+                diff = (a / (a.norm(dim=1, keepdim=True) + 1e-10) - b / (b.norm(dim=1, keepdim=True) + 1e-10)) ** 2
+                want, k = want + F.conv2d(diff, heads[f"lin{k}.model.1.weight"]).mean((1, 2, 3)), k + 1
+        got = lpips(x, y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert (got > 0).all() and torch.equal(lpips(x, x), torch.zeros(2))
+
+
+def test_dinov2_from_timm_518px_safetensors_resamples_its_positions(published):
+    import timm
+    enc = repae.load_encoder("dinov2-vit-s", 64, ckpt=str(published / "model.safetensors"))   # 56 px: a 4 x 4 grid
+    # independently: the file's 37 x 37 positions resampled to 4 x 4 by hand, as the released torch.hub route does
+    import safetensors.torch
+    state = safetensors.torch.load_file(published / "model.safetensors")
+    state["pos_embed"] = timm.layers.resample_abs_pos_embed(state["pos_embed"], (4, 4), num_prefix_tokens=1)
+    ref = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, img_size=56, num_classes=0).eval()
+    ref.load_state_dict(state)
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    (tokens,) = repae.encoder_targets([enc], x)
+    images = F.interpolate(torchvision.transforms.functional.normalize(x.float() / 255, repae.IMAGENET_MEAN,
+                                                                       repae.IMAGENET_STD), size=56, mode="bicubic")
+    with torch.no_grad():
+        want = ref.forward_features(images)[:, 1:]
+    assert tokens.shape == (2, 16, 384) and torch.equal(tokens, want)
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+
+
+def test_vae_latent_stats_and_discriminator_load_in_the_released_layout(published, capsys):
+    args = repae.parse_args(["--model", "SiT-S/2", "--resolution", "64", "--random-weights", "--freeze-vae",
+                             "--proj-coeff", "0", "--vae-ckpt", str(published / "sdvae-f8d4.pt")])
+    m = repae.build(args, CPU.device)
+    vae = torch.load(published / "sdvae-f8d4.pt", weights_only=True)
+    assert all(torch.equal(v, vae[k]) for k, v in m.vae.state_dict().items())
+    scale, bias = m.sit.latent_stats()                      # BN initialised from the -latents-stats.pt next to it
+    assert torch.allclose(scale, torch.tensor([0.18, 0.2, 0.25, 0.3])) and torch.equal(bias, torch.tensor([0.1, -0.1, 0.2, 0.0]))
+    disc = repae.NLayerDiscriminator()
+    repae.load_state(disc, repae.load_file(str(published / "sdvae-f8d4-discriminator-ckpt.pt"), "--disc-ckpt"), "d", "f")
+    assert all(torch.equal(a, b) for a, b in zip(disc.state_dict().values(),
+                                                torch.load(published / "sdvae-f8d4-discriminator-ckpt.pt").values()))
+    os.rename(published / "sdvae-f8d4-latents-stats.pt", published / "moved.pt")
+    try:
+        assert "sdvae-f8d4-latents-stats.pt' does not exist; pass the right path with --latents-stats" in \
+            error(capsys, repae.build, args, CPU.device)
+    finally:
+        os.rename(published / "moved.pt", published / "sdvae-f8d4-latents-stats.pt")
 
 
 def test_contradictory_flags_are_refused(monkeypatch, capsys):
@@ -332,15 +442,14 @@ def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
     assert "stopped by signal at step 3" in (run / "log.txt").read_text()
 
 
-def test_corrupt_checkpoint_is_detected_on_resume(tmp_path):
+def test_corrupt_checkpoint_is_detected_on_resume(tmp_path, capsys):
     run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
     path = run / "checkpoints/0000002.pt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(SystemExit, match="0000002.pt.*corrupt"):
-        train(tmp_path, "--max-train-steps", "4", "--resume", "auto")
+    assert re.search("0000002.pt.*corrupt", error(capsys, train, tmp_path, "--max-train-steps", "4", "--resume", "auto"))
 
 
-def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path, monkeypatch, capsys):
     step = repae.repae_step
     calls = []
 
@@ -349,9 +458,13 @@ def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path, monkeyp
         calls.append(1)
         return {**logs, "l_diff": logs["l_diff"] * float("nan")} if len(calls) == 3 else logs
     monkeypatch.setattr(repae, "repae_step", nan_at_step_3)
-    with pytest.raises(SystemExit, match=r"non-finite loss or gradient at step 3: l_diff=nan"):
-        train(tmp_path, "--max-train-steps", "6", "--checkpointing-steps", "2", "--log-every", "5")
+    msg = error(capsys, train, tmp_path, "--max-train-steps", "6", "--checkpointing-steps", "2", "--log-every", "5",
+                code=1)
+    assert "non-finite loss or gradient at step 3: l_diff=nan; the last good checkpoint is kept in" in msg
     assert sorted(os.listdir(tmp_path / "smoke/checkpoints")) == ["0000002.pt"]
+    calls.clear()                                           # before any checkpoint: says so, not a folder
+    msg = error(capsys, train, tmp_path / "b", "--max-train-steps", "6", "--checkpointing-steps", "4", code=1)
+    assert "no checkpoint was written before it" in msg and os.listdir(tmp_path / "b/smoke/checkpoints") == []
 
 
 def make_images(folder, classes=2, per_class=4, size=(80, 70)):
@@ -361,25 +474,36 @@ def make_images(folder, classes=2, per_class=4, size=(80, 70)):
             Image.new("RGB", size, (40 * c, 10 * i, 90)).save(folder / f"class{c}" / f"{i}.png")
 
 
-def test_data_errors(tmp_path):
+def test_data_errors_are_found_before_anything_is_written(tmp_path, capsys):
+    def first_image_broken(d):
+        make_images(d, 2, 4)
+        (d / "class0" / "0.png").write_bytes(b"no png")
     for setup, msg in [(lambda d: None, "is not a folder"), (lambda d: d.mkdir(), "no class sub-folders"),
                        (lambda d: (d / "a").mkdir(parents=True), "holds no images"),
-                       (lambda d: make_images(d, 1, 3), "fewer than one global batch")]:
+                       (lambda d: make_images(d, 1, 3), "fewer than one update"),
+                       (first_image_broken, "cannot read the first image")]:
         d = tmp_path / f"data{len(msg)}"
         setup(d)
-        with pytest.raises(SystemExit, match=msg):
-            repae.main(smoke_args("--data-dir", str(d), "--output-dir", str(tmp_path)))
-    d = tmp_path / "broken"
+        out = tmp_path / f"out{len(msg)}"
+        assert msg in error(capsys, repae.main, smoke_args("--data-dir", str(d), "--output-dir", str(out)))
+        assert not out.exists()                             # a refused run leaves no folder behind
+
+
+def test_a_broken_image_mid_run_is_skipped_named_and_counted(tmp_path, capsys):
+    d = tmp_path / "data"
     make_images(d, 2, 4)
-    (d / "class1" / "bad.png").write_bytes(b"no png")
-    with pytest.raises(RuntimeError, match="bad.png"):
-        train(tmp_path, "--data-dir", str(d), "--max-train-steps", "3")
+    (d / "class1" / "bad.png").write_bytes(b"no png")       # sorted after 0.png ... 3.png: not the first image
+    run = train(tmp_path, "--data-dir", str(d), "--max-train-steps", "4", "--log-every", "4", "--batch-size", "4")
+    assert "warning: skipped unreadable image" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and rows[-1]["skipped_images"] >= 1       # 9 images, 8 per epoch: seen once at least
+    assert load_ckpt(run / "checkpoints/0000004.pt")["steps"] == 4
 
 
 def test_image_folder_adm_crop(tmp_path):
     make_images(tmp_path / "d", 2, 4, size=(300, 200))
-    ds = repae.build_dataset(smoke_args("--data-dir", str(tmp_path / "d"), "--max-images", "4"))
-    x, y = ds[3]
+    ds = repae.build_dataset(smoke_args("--data-dir", str(tmp_path / "d"), "--max-images", "4", "--batch-size", "4"))
+    x, y = ds[3]["x"], ds[3]["y"]
     assert len(ds) == 4 and x.dtype == torch.uint8 and x.shape == (3, 64, 64) and y == 1
     assert repae.center_crop_arr(Image.new("RGB", (1000, 600)), 64).shape == (64, 64, 3)
 
@@ -409,11 +533,285 @@ def test_smoke_cli_end_to_end(tmp_path):
                 "--checkpointing-steps", "4", "--sample-every", "4", "--log-every", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "smoke"
-    assert "random weights" in r.stdout and "done: 4 steps" in r.stdout
+    assert "random weights" in r.stdout and "done: steps 0 to 4" in r.stdout and "smoke-size SiT-XL/2" in r.stdout
     assert {"0000004-samples.png", "0000004-recon.png"} <= set(os.listdir(run / "samples"))
     assert Image.open(run / "samples/0000004-samples.png").size == (4 * 66 + 2, 4 * 66 + 2)
     assert json.loads((run / "args.json").read_text())["smoke"] is True
     assert load_ckpt(run / "checkpoints/0000004.pt")["steps"] == 4
+
+
+#################################################################################
+#        Real weights, GPUs and the released step (files in their layouts)       #
+#################################################################################
+
+def test_real_weights_path_end_to_end(tmp_path, published):
+    """No --smoke, no --random-weights: every pretrained piece from its file, 2 steps on an ImageFolder, then
+    sample.py on the checkpoint and fid.py on the samples, as a user with downloaded weights runs them."""
+    w, env = published, {"HF_HUB_OFFLINE": "1"}
+    make_images(tmp_path / "data", 2, 2)
+    r = run_cli("repae.py", "--data-dir", str(tmp_path / "data"), "--model", "SiT-S/2", "--resolution", "64",
+                "--num-classes", "2", "--enc-type", "dinov2-vit-s", "--encoder-depth", "4", "--batch-size", "2",
+                "--max-train-steps", "2", "--checkpointing-steps", "2", "--log-every", "1", "--sample-every", "2",
+                "--num-workers", "0", "--output-dir", str(tmp_path / "exps"), "--exp-name", "real",
+                "--vae-ckpt", str(w / "sdvae-f8d4.pt"), "--disc-pretrained-ckpt", str(w / "sdvae-f8d4-discriminator-ckpt.pt"),
+                "--vgg-ckpt", str(w / "vgg16-397923af.pth"), "--lpips-ckpt", str(w / "vgg.pth"),
+                "--enc-ckpt", str(w / "model.safetensors"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "random weights" not in r.stdout and "done: steps 0 to 2" in r.stdout
+    ckpt = load_ckpt(tmp_path / "exps/real/checkpoints/0000002.pt")
+    assert ckpt["model"]["pos_embed"].shape == (1, 16, 384) and ckpt["args"].vae_ckpt == str(w / "sdvae-f8d4.pt")
+    r = run_cli("sample.py", "--ckpt", str(tmp_path / "exps/real/checkpoints/0000002.pt"), "--sample-dir",
+                str(tmp_path / "s"), "--num-fid-samples", "4", "--pproc-batch-size", "4", "--num-steps", "2",
+                "--mode", "ode", "--cfg-scale", "2", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (npz,) = [tmp_path / "s" / f for f in os.listdir(tmp_path / "s") if f.endswith(".npz")]
+    assert np.load(npz)["arr_0"].shape == (4, 64, 64, 3)
+    np.savez(tmp_path / "ref.npz", arr_0=np.stack([np.asarray(Image.open(p).convert("RGB").resize((64, 64)))
+                                                    for p in sorted((tmp_path / "data").rglob("*.png"))]))
+    r = run_cli("fid.py", str(npz), str(tmp_path / "ref.npz"), "--inception-ckpt", str(w / "pt_inception.pth"),
+                "--metrics", "is,pr", "--device", "cpu", "--batch-size", "4", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {"IS", "Precision", "Recall"} <= {line.split(":")[0] for line in r.stdout.splitlines()}
+
+
+def test_released_training_checkpoint_resumes_and_samples(tmp_path, capsys):
+    """A checkpoint in the released train_repae.py layout (no RNG states, its own args Namespace) continues
+    training here (not bitwise: the RNG streams are new) and samples."""
+    run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
+    ours = load_ckpt(run / "checkpoints/0000002.pt")
+    released_args = argparse.Namespace(**{**vars(ours["args"]), "report_to": "wandb", "resume_step": 0,
+                                          "loss_cfg_path": "configs/l1_lpips_kl_gan.yaml"})   # smoke sizes stand in
+    torch.save(dict({k: ours[k] for k in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc")},
+                    args=released_args, steps=2), tmp_path / "0000002.pt")
+    out = train(tmp_path / "cont", "--max-train-steps", "3", "--resume", str(tmp_path / "0000002.pt"))
+    assert "resumed from" in (out / "log.txt").read_text() and "not bitwise" in (out / "log.txt").read_text()
+    assert load_ckpt(out / "checkpoints/0000003.pt")["steps"] == 3
+    assert _sample_run(str(tmp_path / "0000002.pt"), tmp_path / "s").shape == (6, 64, 64, 3)
+
+
+def test_pos_embed_is_trained_in_repae_and_frozen_with_a_frozen_vae():
+    """As the released train_repae.py: pos_embed gets the SiT's gradient, counts in its clip norm, is updated by
+    its AdamW and EMA'd; train_ldm_only.py (--freeze-vae) never unfreezes it."""
+    args, m, x, y = tiny_run()
+    p0, e0, seen = m.sit.pos_embed.detach().clone(), m.ema.pos_embed.clone(), {}
+    m.opt.register_step_pre_hook(lambda *_: seen.update(
+        pos=m.sit.pos_embed.grad.clone(), total=torch.stack([p.grad.norm() for p in m.sit.parameters()
+                                                             if p.grad is not None]).norm()))
+    logs = repae.repae_step(x, y, m, args)
+    assert seen["pos"].abs().sum() > 0 and any(p is m.sit.pos_embed for p in m.sit_params)
+    # the clip saw pos_embed: the clipped gradients, pos_embed's included, have norm min(pre-clip norm, 1)
+    assert seen["total"].item() == pytest.approx(min(logs["grad_norm_sit"].item(), 1.0), rel=1e-4)
+    assert not torch.equal(m.sit.pos_embed, p0) and not torch.equal(m.ema.pos_embed, e0)
+    args, m, x, y = tiny_run("--freeze-vae")
+    p0 = m.sit.pos_embed.detach().clone()
+    repae.repae_step(x, y, m, args)
+    assert torch.equal(m.sit.pos_embed, p0) and m.sit.pos_embed.grad is None
+
+
+def test_more_processes_than_gpus_is_refused_before_any_model(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # a one-GPU machine, torchrun with 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(repae, "build", lambda *a: pytest.fail("a model was built"))
+    monkeypatch.setattr(repae, "build_dataset", lambda *a: pytest.fail("the data was read"))
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    msg = error(capsys, repae.main, smoke_args())
+    assert "2 processes on this machine but 1 visible GPU(s)" in msg and "--nproc_per_node=1" in msg
+    assert "CUDA_VISIBLE_DEVICES" in msg and len(msg.splitlines()) == 1
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    """--deterministic changes process-wide switches; the tests that set them put them back."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             [getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in ("flash", "mem_efficient", "cudnn")])
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    torch.backends.cudnn.deterministic = saved[1]
+    for name, on in zip(("flash", "mem_efficient", "cudnn"), saved[2]):
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)
+
+
+def test_deterministic_sets_every_switch_before_cuda_work(restore_determinism):
+    """The CPU stand-in of the CUDA resume test below: --deterministic turns on deterministic algorithms, cuBLAS's
+    fixed workspace, deterministic cuDNN, and the math attention backward (flash's accumulates with atomics)."""
+    repae.init_distributed(deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+                or torch.backends.cuda.cudnn_sdp_enabled())
+
+
+@cuda_only
+def test_resume_is_bitwise_exact_on_cuda_with_deterministic(tmp_path, restore_determinism):
+    flags = ("--deterministic", "--max-images", "16", "--mixed-precision", "bf16")
+    one = train(tmp_path / "one", "--max-train-steps", "4", "--checkpointing-steps", "4", *flags)
+    two = train(tmp_path / "two", "--max-train-steps", "2", "--checkpointing-steps", "2", *flags)
+    two = train(tmp_path / "two", "--max-train-steps", "4", "--checkpointing-steps", "2", "--resume", "auto", *flags)
+    a, b = load_ckpt(one / "checkpoints/0000004.pt"), load_ckpt(two / "checkpoints/0000004.pt")
+    assert "on cuda" in (one / "log.txt").read_text()
+    for k in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "steps"):
+        assert_same(a[k], b[k], k)
+
+
+#################################################################################
+#          Nothing is lost, and every bad input gets one sentence                #
+#################################################################################
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_never_changes_an_earlier_run(tmp_path, capsys):
+    run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
+    before = snapshot(run)
+    msg = error(capsys, train, tmp_path, "--max-train-steps", "2")
+    assert "already holds a run with checkpoints up to 0000002.pt; continue it with --resume auto, or start " \
+           "another with a new --exp-name" in msg and snapshot(run) == before
+    train(tmp_path, "--max-train-steps", "2", "--resume", "auto")                  # nothing to do: says so
+    assert "is at step 2: --max-train-steps 2 is reached, nothing to do" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
+def test_smoke_and_random_weights_load_the_files_they_are_given(tmp_path):
+    torch.manual_seed(5)
+    vae = repae.build_vae(smoke_args())
+    torch.save(vae.state_dict(), tmp_path / "v.pt")
+    torch.save(dict(latents_scale=torch.full((1, 4, 1, 1), 0.5), latents_bias=torch.full((1, 4, 1, 1), 0.25)),
+               tmp_path / "v-latents-stats.pt")
+    for flags in (["--smoke"], ["--random-weights", "--model", "SiT-S/2", "--resolution", "64"]):
+        args = repae.parse_args([*flags, "--vae-ckpt", str(tmp_path / "v.pt"), "--vae", "f8d4"] +
+                                ([] if "--smoke" in flags else ["--freeze-vae", "--proj-coeff", "0"]))
+        if "--smoke" not in flags:                          # a full-size f8d4 for the full-size SiT
+            torch.save(repae.vae_models["f8d4"]().state_dict(), tmp_path / "v.pt")
+        m = repae.build(args, CPU.device)
+        assert all(torch.equal(a, b) for a, b in zip(m.vae.state_dict().values(),
+                                                    torch.load(tmp_path / "v.pt", weights_only=True).values()))
+        assert torch.allclose(m.sit.latent_stats()[0], torch.full((4,), 0.5)) and args.vae_ckpt == str(tmp_path / "v.pt")
+
+
+def test_smoke_defaults_never_override_given_flags_and_names_must_be_exact(tmp_path):
+    args = smoke_args("--max-train-steps", "2", "--batch-size", "4", "--data-dir", str(tmp_path))
+    assert (args.max_train_steps, args.batch_size, args.checkpointing_steps) == (2, 4, 20)
+    make_images(tmp_path / "d", 4, 2)
+    assert smoke_args("--data-dir", str(tmp_path / "d")).num_classes == 4                 # the folder's classes
+    assert smoke_args("--data-dir", str(tmp_path / "d"), "--num-classes", "7").num_classes == 7
+    r = run_cli(os.path.join(HERE, "repae.py"), "--smoke", "--max-train-step", "2", cwd=tmp_path)   # abbreviated
+    assert r.returncode == 2 and r.stdout == "" and not (tmp_path / "exps").exists()
+    assert r.stderr == "repae.py: error: unrecognized arguments: --max-train-step 2 (see repae.py --help)\n"
+
+
+RELEASED_LOSS_CFG = """model:
+    vq_model:
+        quantize_mode: vae
+
+losses:
+    discriminator_start: 0
+    discriminator_factor: 1.0
+    discriminator_weight: 0.1
+    quantizer_weight: 1.0
+    perceptual_loss: "lpips"
+    perceptual_weight: 1.0
+    reconstruction_loss: "l1"
+    reconstruction_weight: 1.0
+    lecam_regularization_weight: 0.0
+    kl_weight: 1e-6
+    logvar_init: 0.0
+"""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--gradient-accumulation-steps", "x"], "argument --gradient-accumulation-steps: invalid number value: 'x'"),
+    (["--loss-cfg-path", "{changed}"], "sets kl_weight: 1e-4, but this implementation computes only the released"),
+    (["--loss-cfg-path", "{missing}"], "does not exist; drop the flag"),
+    (["--no-fused-attn"], "always uses scaled_dot_product_attention"),
+    (["--prediction", "eps"], "argument --prediction: invalid choice: 'eps'"),
+    (["--cache-latents"], "--cache-latents writes <data-dir>/<name>.npy"),
+    (["--pproc-batch-size", "4"], "--pproc-batch-size is the batch of --cache-latents"),
+    (["--resume", "auto", "--resume-step", "2"], "give one"),
+    (["--continue-train-exp-dir", "exps/x"], "say which checkpoint with --resume-step")])
+def test_bad_flags_get_one_sentence(tmp_path, argv, message, capsys):
+    (tmp_path / "changed.yaml").write_text(RELEASED_LOSS_CFG.replace("kl_weight: 1e-6", "kl_weight: 1e-4"))
+    argv = [a.format(changed=tmp_path / "changed.yaml", missing=tmp_path / "nope.yaml") for a in argv]
+    msg = error(capsys, smoke_args, *argv)
+    assert message in msg and len(msg.splitlines()) == 1
+
+
+def test_the_released_loss_config_and_tracker_flags_are_accepted(tmp_path, capsys):
+    (tmp_path / "l1_lpips_kl_gan.yaml").write_text(RELEASED_LOSS_CFG)
+    args = smoke_args("--loss-cfg-path", str(tmp_path / "l1_lpips_kl_gan.yaml"), "--report-to", "wandb")
+    assert args.loss_cfg_path and "metrics go to the run folder's metrics.jsonl and log.txt; the run continues" in \
+        capsys.readouterr().err
+
+
+def test_output_folder_disk_space_and_write_errors(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    msg = error(capsys, repae.main, smoke_args("--output-dir", str(tmp_path / "file" / "x")))
+    assert "is a file, so the run folder" in msg and "pass another --output-dir" in msg
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    msg = error(capsys, repae.main, smoke_args("--output-dir", str(tmp_path / "out")))
+    assert "one checkpoint of this run takes 0.0" in msg and "has 0.00 GB free" in msg and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
+    before = snapshot(run / "checkpoints")
+    os.symlink("/dev/full", run / "checkpoints/0000004.pt.tmp")   # writing there fails with ENOSPC: a full disk
+    msg = error(capsys, train, tmp_path, "--max-train-steps", "4", "--checkpointing-steps", "2", "--resume", "auto",
+                code=1)
+    assert "could not write checkpoint" in msg and "No space left on device" in msg and "--resume auto" in msg
+    assert snapshot(run / "checkpoints") == before          # the earlier checkpoint intact, no temporary file left
+
+
+def test_torchrun_flag_errors_report_once_and_preemption_exits_zero(tmp_path):
+    """Under torchrun one process reports a bad flag; a scheduler's SIGTERM to the whole process group (here sent by
+    rank 0 at step 2) ends with a checkpoint and exit status 0 when the launcher leaves SIGTERM to the workers."""
+    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "repae.py", "--smoke", "--batch-size", "3",
+                "--output-dir", str(tmp_path), env={"PYTHONPATH": HERE})
+    assert r.returncode != 0 and (r.stdout + r.stderr).count("repae.py: error: ") == 1
+    assert "--batch-size 3 is global and not divisible by the 2 processes" in r.stderr
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, signal, repae\n"
+        "step, calls = repae.repae_step, []\n"
+        "def signalled(*a):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2 and os.environ['RANK'] == '0':\n"
+        "        os.killpg(os.getpgid(0), signal.SIGTERM)        # the whole job: launcher and workers\n"
+        "    return step(*a)\n"
+        "repae.repae_step = signalled\n"
+        "repae.main(repae.parse_args())\n")
+    torchrun = f"{sys.executable} -m torch.distributed.run --nproc_per_node=2 {driver} --smoke --output-dir {tmp_path} " \
+               f"--max-train-steps 50 --sample-every 0"
+    r = subprocess.run(["bash", "-c", f"trap '' TERM; exec {torchrun}"], cwd=HERE, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1",
+                            "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT"}, start_new_session=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "smoke/checkpoints")) == ["0000002.pt"]
+    assert "stopped by signal at step 2" in (tmp_path / "smoke/log.txt").read_text()
+
+
+def test_export_refuses_a_frozen_vae_run(tmp_path, capsys):
+    run = train(tmp_path, "--freeze-vae", "--max-train-steps", "1", "--checkpointing-steps", "1")
+    msg = error(capsys, repae.export_vae, smoke_args("--export-vae", str(run / "checkpoints/0000001.pt"),
+                                                     "--output-dir", str(tmp_path / "e2e")))
+    assert "comes from a frozen-VAE run" in msg and not (tmp_path / "e2e").exists()
+
+
+def test_messages_name_the_truth(tmp_path, capsys, monkeypatch):
+    long = "a reason " * 40 + "that ends here"              # 370 characters: printed whole, never cut mid-word
+    (tmp_path / "x.pt").write_bytes(b"")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(long + "\nmore")))
+    msg = error(capsys, repae.load_file, str(tmp_path / "x.pt"), "--vae-ckpt")
+    assert long in msg and "more" not in msg and msg.rstrip().endswith("pass another with --vae-ckpt")
+    monkeypatch.undo()
+    make_images(tmp_path / "d", 2, 4)
+    run = train(tmp_path, "--data-dir", str(tmp_path / "d"), "--max-train-steps", "1", "--batch-size", "4")
+    log = (run / "log.txt").read_text()
+    assert "8 training images" in log and "procedural" not in log and "smoke-size SiT-XL/2" in log
+    assert repae.parse_args([]).num_workers <= len(os.sched_getaffinity(0))      # no DataLoader warning
 
 
 #################################################################################
@@ -441,6 +839,7 @@ def test_compiled_step_matches_eager(monkeypatch):
     compile_ = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_(self, backend="aot_eager"))
     args, m, x, y = tiny_run("--compile", seed=3)
+    repae.compile_blocks(m)
     torch.manual_seed(7)
     compiled = repae.repae_step(x, y, m, args)
     for k in eager:
@@ -449,7 +848,7 @@ def test_compiled_step_matches_eager(monkeypatch):
 
 
 def test_vae_checkpointing_gives_the_same_gradients():
-    vae = repae.AutoencoderKL(**repae.SMOKE["vae"])
+    vae = repae.build_vae(smoke_args())
     x = torch.randn(2, 3, 32, 32)
     grads = []
     for on in (False, True):
@@ -487,10 +886,7 @@ def test_frozen_training_on_an_exported_vae(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr[-3000:]
     vae_path = tmp_path / "e2e/e2e-f8d4-0000002.pt"
     scale, bias = repae.load_latent_stats(str(vae_path).replace(".pt", "-latents-stats.pt"))
-    args = smoke_args("--freeze-vae", "--vae-ckpt", str(vae_path))
-    args.random_weights = False                             # load the exported VAE and its stats ...
-    load_encoder = repae.load_encoder                       # ... but keep DINOv2 random (offline)
-    monkeypatch.setattr(repae, "load_encoder", lambda enc, res, ckpt, random, **k: load_encoder(enc, res, None, True, **k))
+    args = smoke_args("--freeze-vae", "--vae-ckpt", str(vae_path))  # --smoke loads the VAE it is given
     m = repae.wrap_distributed(repae.build(args, CPU.device), CPU)
     assert torch.allclose(m.sit.latent_stats()[0], scale) and torch.equal(m.sit.latent_stats()[1], bias)
     exported = torch.load(vae_path, weights_only=True)
@@ -568,8 +964,8 @@ def test_sample_ode_transports_noise_to_the_data_gaussian():
     noise = torch.randn(2048, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     y = torch.zeros(2048, dtype=torch.long)
     exact = 1.5 + 0.5 * noise.double()
-    euler = {n: (sample.euler_sampler(model, noise, y, num_steps=n) - exact).abs().max().item() for n in (50, 200)}
-    heun = {n: (sample.euler_sampler(model, noise, y, num_steps=n, heun=True) - exact).abs().max().item()
+    euler = {n: (repae.euler_sampler(model, noise, y, num_steps=n) - exact).abs().max().item() for n in (50, 200)}
+    heun = {n: (repae.euler_sampler(model, noise, y, num_steps=n, heun=True) - exact).abs().max().item()
             for n in (50, 200)}
     assert euler[200] < 0.02 and 3 < euler[50] / euler[200] < 5, euler          # first order
     assert heun[200] < 1e-4 and 12 < heun[50] / heun[200] < 20, heun            # second order
@@ -643,7 +1039,7 @@ def test_sample_samplers_match_the_reference_loops():
     ref = _sample_reference_sde(model, noise, y, 12, 2.5, 0.2, 0.7)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     # [0.45, 1]: at t_cur = 0.5 the predictor is guided and t_next = 0.4 is outside: the corrector must be too
-    ours = sample.euler_sampler(model, noise, y, num_steps=10, cfg_scale=3.0, guidance_low=0.45, heun=True)
+    ours = repae.euler_sampler(model, noise, y, num_steps=10, cfg_scale=3.0, guidance_low=0.45, heun=True)
     ref = _sample_reference_heun(model, noise, y, 10, 3.0, 0.45, 1.0)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
 
@@ -655,7 +1051,7 @@ def test_sample_cfg_scale_one_is_the_unguided_sampler():
                              torch.linspace(1, 0, 9, dtype=torch.float64).tolist()[1:]):
         x = x + (t_next - t_cur) * model(x.float(), torch.full((4,), t_cur), y, mode="sample")[0].double()
     model.calls.clear()
-    assert torch.equal(sample.euler_sampler(model, noise, y, num_steps=8, cfg_scale=1.0), x)
+    assert torch.equal(repae.euler_sampler(model, noise, y, num_steps=8, cfg_scale=1.0), x)
     torch.manual_seed(0)
     sample.euler_maruyama_sampler(model, noise, y, num_steps=8, cfg_scale=1.0)
     assert _sample_null_times(model) == []                  # no unconditional pass at all
@@ -693,12 +1089,11 @@ def test_sample_inputs_and_sde_noise_do_not_depend_on_the_batch():
     assert torch.equal(whole, split)
 
 
-def test_sample_balanced_labels():
+def test_sample_balanced_labels(capsys):
     args = sample.parse_args(["--ckpt", "x", "--balanced", "--num-fid-samples", "20"])
     labels = sample.label_schedule(args, 5)
     assert labels.bincount().tolist() == [4] * 5 and not torch.equal(labels, labels.sort().values)
-    with pytest.raises(SystemExit, match="divisible"):
-        sample.label_schedule(args, 6)
+    assert "divisible" in error(capsys, sample.label_schedule, args, 6)
 
 
 # ------------------------------------------------------------- checkpoints, folders, processes
@@ -727,29 +1122,37 @@ def _sample_tiny(tmp_path, frozen=False):
     return str(path), sit, vae
 
 
+def _sample_npz(out):
+    """The one .npz that sample.py wrote under --sample-dir `out` (next to its PNG folder)."""
+    (npz,) = [f for f in os.listdir(out) if f.endswith(".npz")]
+    return np.load(out / npz)["arr_0"]
+
+
 def _sample_run(ckpt, out, *flags):
     sample.main(sample.parse_args(["--ckpt", ckpt, "--sample-dir", str(out), "--num-fid-samples", "6",
                                    "--pproc-batch-size", "4", "--num-steps", "4", "--cfg-scale", "2",
                                    "--guidance-high", "0.7", *flags]))
-    return np.load(f"{out}.npz")["arr_0"]
+    return _sample_npz(out)
 
 
-def test_sample_folder_npz_and_resume_regenerates_exactly_the_missing_pngs(tmp_path):
+def test_sample_folder_npz_and_resume_regenerates_exactly_the_missing_pngs(tmp_path, capsys):
     ckpt, _, _ = _sample_tiny(tmp_path)
     out = tmp_path / "s"
     arr = _sample_run(ckpt, out)
     assert arr.shape == (6, 64, 64, 3) and arr.dtype == np.uint8 and len({a.tobytes() for a in arr}) == 6
+    (folder,) = [out / f for f in os.listdir(out) if not f.endswith(".npz")]
+    assert folder.name == "e2e-sde4-cfg2.0-0.0-0.7-seed0-n6"             # generate.py's: settings in the name
     names = [f"{i:06d}.png" for i in range(6)]
-    data = {n: (out / n).read_bytes() for n in names}
-    mtimes = {n: (out / n).stat().st_mtime_ns for n in names}
+    data = {n: (folder / n).read_bytes() for n in names}
+    mtimes = {n: (folder / n).stat().st_mtime_ns for n in names}
     for n in (names[1], names[4]):
-        (out / n).unlink()
-    os.remove(f"{out}.npz")
+        (folder / n).unlink()
+    os.remove(f"{folder}.npz")
     again = _sample_run(ckpt, out)
-    assert all((out / n).read_bytes() == data[n] for n in names) and np.array_equal(again, arr)
-    assert all((out / n).stat().st_mtime_ns == mtimes[n] for n in names if n not in (names[1], names[4]))
-    with pytest.raises(SystemExit, match="other settings"):      # never mix samples of two settings
-        _sample_run(ckpt, out, "--global-seed", "1")
+    assert all((folder / n).read_bytes() == data[n] for n in names) and np.array_equal(again, arr)
+    assert all((folder / n).stat().st_mtime_ns == mtimes[n] for n in names if n not in (names[1], names[4]))
+    msg = error(capsys, _sample_run, ckpt, out, "--mixed-precision", "bf16")   # never mix samples of two settings
+    assert "other settings" in msg and "mixed_precision" in msg
 
 
 def test_sample_one_and_two_processes_give_identical_npz(tmp_path):
@@ -771,31 +1174,31 @@ def test_sample_one_and_two_processes_give_identical_npz(tmp_path):
                        env=dict(env, OMP_NUM_THREADS="1"),
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0 and "with 2 process(es)" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
-    one, two = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
+    one, two = _sample_npz(tmp_path / "one"), _sample_npz(tmp_path / "two")
     assert one.shape == (6, 64, 64, 3) and np.array_equal(one, two)
 
 
-def test_sample_frozen_vae_checkpoint_equals_the_end_to_end_layout(tmp_path):
+def test_sample_frozen_vae_checkpoint_equals_the_end_to_end_layout(tmp_path, capsys):
     e2e, _, _ = _sample_tiny(tmp_path)
     frozen, _, _ = _sample_tiny(tmp_path, frozen=True)     # same seed: the same SiT, BN stats and VAE
     ref = _sample_run(e2e, tmp_path / "e2e")
     assert np.array_equal(_sample_run(frozen, tmp_path / "from_args"), ref)             # run's vae_ckpt
     os.rename(tmp_path / "vae.pt", tmp_path / "moved.pt")
     assert np.array_equal(_sample_run(frozen, tmp_path / "from_flag", "--vae-ckpt", str(tmp_path / "moved.pt")), ref)
-    with pytest.raises(SystemExit, match="holds no VAE.*--vae-ckpt"):
-        _sample_run(frozen, tmp_path / "none")
+    assert re.search("holds no VAE.*--vae-ckpt", error(capsys, _sample_run, frozen, tmp_path / "none"))
     # a fixed statistics file replaces the EMA BatchNorm buffers (checkpoints that normalised with one)
     stats = dict(latents_scale=torch.full((1, 4, 1, 1), 3.0), latents_bias=torch.zeros(1, 4, 1, 1))
     torch.save(stats, tmp_path / "st.pt")
     assert not np.array_equal(_sample_run(e2e, tmp_path / "stats", "--latents-stats", str(tmp_path / "st.pt")), ref)
 
 
-def test_sample_official_repae_checkpoint_layout(tmp_path, monkeypatch):
+def test_sample_official_repae_checkpoint_layout(tmp_path, monkeypatch, capsys):
     # Released checkpoints: official train_repae.py args (no `smoke`), SiT `ema` + tuned `vae` in one file.
     # The registries are shrunk so the real-name path (SiT-XL/2, f8d4) runs at smoke size.
     monkeypatch.setitem(repae.SiT_models, "SiT-XL/2", functools.partial(repae.SiT, depth=8, hidden_size=32, num_heads=2,
                                                                          patch_size=2, projector_dim=64))
-    monkeypatch.setitem(repae.vae_models, "f8d4", lambda: repae.AutoencoderKL(**repae.SMOKE["vae"]))
+    monkeypatch.setitem(repae.vae_models, "f8d4", functools.partial(repae.AutoencoderKL, ch=32, ch_mult=(1, 1, 2, 2),
+                                                                    z_channels=4, num_res_blocks=1))
     official = argparse.Namespace(model="SiT-XL/2", vae="f8d4", resolution=64, num_classes=10, encoder_depth=8,
                                   cfg_prob=0.1, bn_momentum=0.1, qk_norm=False, fused_attn=True,
                                   enc_type="dinov2-vit-b",
@@ -810,26 +1213,25 @@ def test_sample_official_repae_checkpoint_layout(tmp_path, monkeypatch):
                     opt_vae={}, opt_disc={}, args=official, steps=400_000), tmp_path / "0400000.pt")
     arr = _sample_run(str(tmp_path / "0400000.pt"), tmp_path / "off", "--mode", "ode")
     assert arr.shape == (6, 64, 64, 3) and len({a.tobytes() for a in arr}) == 6
-    with pytest.raises(SystemExit, match="does not match"):                    # a mismatch names itself
-        _sample_run(str(tmp_path / "0400000.pt"), tmp_path / "bad", "--num-classes", "7")
+    msg = error(capsys, _sample_run, str(tmp_path / "0400000.pt"), tmp_path / "bad", "--num-classes", "7")
+    assert "does not match" in msg and not (tmp_path / "bad").exists()       # a mismatch names itself
 
 
-def test_sample_grid_and_refusals(tmp_path):
+def test_sample_grid_and_refusals(tmp_path, capsys):
     ckpt, _, _ = _sample_tiny(tmp_path)
     args = lambda labels: sample.parse_args(["--ckpt", ckpt, "--grid", "--class-labels", labels, "--num-steps", "4",
                                              "--mode", "ode", "--sample-dir", str(tmp_path / labels)])
     sample.main(args("1,3,5"))
     sample.main(args("1,4,5"))
-    a, b = (np.asarray(Image.open(tmp_path / f"{s}.png")) for s in ("1,3,5", "1,4,5"))
+    grid = "e2e-ode4-cfg1.0-0.0-1.0-seed0-grid.png"
+    a, b = (np.asarray(Image.open(tmp_path / s / grid)) for s in ("1,3,5", "1,4,5"))
     assert a.shape == (134, 134, 3)                         # 2 x 2 tiles of 64 px, padding 2
     # tile k depends on its own label and seed only: changing label 1 changes tile 1, not tile 0
     assert np.array_equal(a[2:66, 2:66], b[2:66, 2:66]) and not np.array_equal(a[2:66, 68:132], b[2:66, 68:132])
-    with pytest.raises(SystemExit, match="lie in"):
-        sample.main(args("1,10"))
+    assert "lie in" in error(capsys, sample.main, args("1,10"))
     no_ema = tmp_path / "no_ema.pt"
     torch.save(dict(model=torch.load(ckpt, weights_only=False)["model"]), no_ema)
-    with pytest.raises(SystemExit, match="no 'ema'"):
-        _sample_run(str(no_ema), tmp_path / "x")
+    assert "no 'ema'" in error(capsys, _sample_run, str(no_ema), tmp_path / "x")
 
 
 #################################################################################
