@@ -1,11 +1,11 @@
 """
 REPA-E: end-to-end tuning of a VAE together with a latent diffusion transformer (arXiv 2504.10483).
 
-The whole recipe in one file, in the order of the paper's method section:
-  VAE tokenizer -> L_REG (the VAE's own losses) -> SiT with BatchNorm latent normalisation
-  -> DINOv2 alignment target -> L_DIFF and L_REPA -> the REPA-E step -> data -> training loop -> CLI.
-The rule that makes end-to-end tuning work: L_REPA updates the VAE and the SiT, L_DIFF updates the
-SiT only (stop-gradient on the latent), and L_REG keeps the VAE a good autoencoder.
+The whole recipe in one file, in the order of the paper's method section: VAE tokenizer -> L_REG (the VAE's own
+losses) -> SiT with BatchNorm latent normalisation -> DINOv2 alignment target -> L_DIFF and L_REPA -> the flow ODE
+-> the REPA-E step -> models from flags -> data -> run folder and checkpoints -> training loop -> other modes -> CLI.
+The rule that makes end-to-end tuning work: L_REPA updates the VAE and the SiT, L_DIFF updates the SiT only
+(stop-gradient on the latent), and L_REG keeps the VAE a good autoencoder.
 
   torchrun --nproc_per_node=8 repae.py --data-dir /imagenet/train --vae-ckpt pretrained/sdvae/sdvae-f8d4.pt
   python repae.py --smoke            # tiny random-weight run of the whole pipeline on a CPU
@@ -35,11 +35,16 @@ import torchvision
 from PIL import Image
 
 
-def fail(msg, code=2):
-    """Stop with one line, `<program>: error: <what is wrong and what to do>`, and no stack trace. Exit status 2 is
-    bad input found before anything was written, 1 a run that went wrong later. Under torchrun only rank 0 speaks."""
+def say(kind, msg):
+    """`<program>: <kind>: <msg>` on stderr; under torchrun only rank 0 speaks."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr, flush=True)
+        print(f"{os.path.basename(sys.argv[0])}: {kind}: {msg}", file=sys.stderr, flush=True)
+
+
+def fail(msg, code=2):
+    """Stop with one sentence that says what is wrong and what to do, no stack trace. Exit status 2: bad input,
+    found before anything was written; 1: a run that went wrong later (see the Training loop banner)."""
+    say("error", msg)
     raise SystemExit(code)
 
 
@@ -104,8 +109,7 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x):                                   # (B, c_in, H, W) -> (B, c_out, H, W)
         h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(h)))
 
 
 class AttnBlock(nn.Module):
@@ -123,29 +127,36 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
-class Downsample(nn.Module):
-    def __init__(self, c):
+class Resample(nn.Module):
+    """`downsample`: asymmetric pad and a stride-2 3x3 conv, as the LDM checkpoints expect. `upsample`: nearest x2
+    as a broadcast, whose backward is a plain sum (deterministic on CUDA, unlike upsample_nearest2d's), a 3x3 conv."""
+    def __init__(self, c, up):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 2, 0)
+        self.up, self.conv = up, nn.Conv2d(c, c, 3, 1 if up else 2, 1 if up else 0)
 
-    def forward(self, x):                                   # asymmetric pad, as the LDM checkpoints expect
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 1, 1)
-
-    def forward(self, x):                                   # nearest x2 as a broadcast: its backward is a plain
-        B, C, H, W = x.shape                                # sum, deterministic on CUDA (upsample_nearest2d's is not)
+    def forward(self, x):
+        if not self.up:
+            return self.conv(F.pad(x, (0, 1, 0, 1)))
+        B, C, H, W = x.shape
         return self.conv(x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W))
 
 
-def res_attn(level, i, h):
-    """Block i of a resolution level, followed by its attention where the level has one."""
-    h = level.block[i](h)
-    return level.attn[i](h) if len(level.attn) else h
+def vae_level(c_in, c_out, blocks, attn):
+    """One resolution level: `blocks` res blocks, each followed by attention where the level has it."""
+    level = nn.Module()
+    level.block = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(blocks))
+    level.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(blocks if attn else 0))
+    return level
+
+
+def run_level(level, h, checkpointing=False):
+    for i, block in enumerate(level.block):
+        if checkpointing and torch.is_grad_enabled():       # --vae-checkpointing: recompute in backward
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+        else:
+            h = block(h)
+        h = level.attn[i](h) if len(level.attn) else h
+    return h
 
 
 def mid_block(c):
@@ -157,65 +168,43 @@ def mid_block(c):
 class Encoder(nn.Module):
     def __init__(self, ch, ch_mult, z_channels, attn_levels, num_res_blocks):
         super().__init__()
-        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
-        self.down, c = nn.ModuleList(), ch
+        self.conv_in, self.down, c = nn.Conv2d(3, ch, 3, 1, 1), nn.ModuleList(), ch
         for i, mult in enumerate(ch_mult):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(c, ch * mult))
-                c = ch * mult
-                if i in attn_levels:
-                    level.attn.append(AttnBlock(c))
+            self.down.append(vae_level(c, ch * mult, num_res_blocks, i in attn_levels))
+            c = ch * mult
             if i != len(ch_mult) - 1:
-                level.downsample = Downsample(c)
-            self.down.append(level)
+                self.down[-1].downsample = Resample(c, up=False)
         self.mid = mid_block(c)
         self.norm_out, self.conv_out = Normalize(c), nn.Conv2d(c, 2 * z_channels, 3, 1, 1)
 
     def forward(self, x):                                   # (B, 3, H, W) -> (B, 2z, H/f, W/f)
         h = self.conv_in(x)
         for level in self.down:
-            for i in range(len(level.block)):
-                h = res_attn(level, i, h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = run_level(level, h)
+            h = level.downsample(h) if hasattr(level, "downsample") else h
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
+    checkpointing = False                                   # --vae-checkpointing
+
     def __init__(self, ch, ch_mult, z_channels, attn_levels, num_res_blocks):
         super().__init__()
         c = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, c, 3, 1, 1)
-        self.mid = mid_block(c)
-        self.up = nn.ModuleList()
+        self.conv_in, self.mid, self.up = nn.Conv2d(z_channels, c, 3, 1, 1), mid_block(c), nn.ModuleList()
         for i in reversed(range(len(ch_mult))):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(c, ch * ch_mult[i]))
-                c = ch * ch_mult[i]
-                if i in attn_levels:
-                    level.attn.append(AttnBlock(c))
+            self.up.insert(0, vae_level(c, ch * ch_mult[i], num_res_blocks + 1, i in attn_levels))  # up[0]: full res
+            c = ch * ch_mult[i]
             if i != 0:
-                level.upsample = Upsample(c)
-            self.up.insert(0, level)                        # up[0] is the full-resolution level
+                self.up[0].upsample = Resample(c, up=True)
         self.norm_out, self.conv_out = Normalize(c), nn.Conv2d(c, 3, 3, 1, 1)
-
-    checkpointing = False                                   # --vae-checkpointing: recompute activations
 
     def forward(self, z):                                   # (B, z, h, w) -> (B, 3, h*f, w*f)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
-            for i in range(len(level.block)):
-                if self.checkpointing and torch.is_grad_enabled():
-                    h = torch.utils.checkpoint.checkpoint(res_attn, level, i, h, use_reentrant=False)
-                else:
-                    h = res_attn(level, i, h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = run_level(level, h, self.checkpointing)
+            h = level.upsample(h) if hasattr(level, "upsample") else h
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -294,8 +283,7 @@ class LPIPS(nn.Module):
             for i, c in enumerate((64, 128, 256, 512, 512))})
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     def train(self, mode=True):                             # frozen, always eval (dropout slots off)
         return super().train(False)
@@ -308,15 +296,14 @@ class LPIPS(nn.Module):
         for i, layer in enumerate(self.features):
             x, y = layer(x), layer(y)
             if i in self.taps:
-                nx = x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                ny = y / (y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                nx, ny = (v / (v.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for v in (x, y))
                 d = d + next(heads)((nx - ny) ** 2).mean(dim=(1, 2, 3))
         return d
 
 
 def load_lpips(vgg_ckpt=None, heads_ckpt=None, random_weights=False):
-    """torchvision's vgg16-397923af.pth (its `features.N` entries) and the taming heads vgg.pth; each file is
-    random when --random-weights leaves it unnamed."""
+    """torchvision's vgg16-397923af.pth (its `features.N` entries) and the taming heads vgg.pth; a file that
+    --random-weights leaves unnamed stays random."""
     lpips = LPIPS()
     if vgg_ckpt or not random_weights:
         vgg = load_file(vgg_ckpt or fetch(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url,
@@ -338,13 +325,11 @@ class NLayerDiscriminator(nn.Module):
             prev, mult = mult, min(2 ** n, 8)
             layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
                        nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
-        layers += [nn.Conv2d(ndf * mult, 1, 4, 1, 1)]
-        self.main = nn.Sequential(*layers)
+        self.main = nn.Sequential(*layers, nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                nn.init.normal_(m.weight, float(isinstance(m, nn.BatchNorm2d)), 0.02)   # conv N(0, .02), BN N(1, .02)
+            if isinstance(m, nn.BatchNorm2d):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):                                   # (B, 3, H, W) -> (B, 1, h, w) patch logits
@@ -573,28 +558,26 @@ def dinov2_timm_name(enc_type):
 def load_encoder(enc_type, resolution, ckpt=None, random_weights=False, **overrides):
     """Frozen, eval-mode DINOv2 whose patch grid matches the SiT token grid (224 px for 256 px images)."""
     import timm
+    from huggingface_hub import try_to_load_from_cache
     name = dinov2_timm_name(enc_type)
     kw = dict(img_size=resolution * 224 // 256, num_classes=0, **overrides)
-    if random_weights:
-        enc = timm.create_model(name, pretrained=False, **kw)
-    elif ckpt:
-        if not os.path.isfile(ckpt):
-            fail(f"DINOv2 weights '{ckpt}' do not exist; pass the timm model.safetensors of {name} with --enc-ckpt")
-        enc = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=ckpt), **kw)
-    else:
-        from huggingface_hub import try_to_load_from_cache
-        cached = isinstance(try_to_load_from_cache(f"timm/{name}", "model.safetensors"), str)
-        if not cached and (os.environ.get("HF_HUB_OFFLINE") or not reachable("huggingface.co")):
-            fail(f"DINOv2 weights timm/{name} are not in the Hugging Face cache and huggingface.co cannot be "
-                 f"reached; download model.safetensors once elsewhere and pass it with --enc-ckpt")
-        enc = timm.create_model(name, pretrained=True, **kw)
+    if ckpt and not os.path.isfile(ckpt):
+        fail(f"DINOv2 weights '{ckpt}' do not exist; pass the timm model.safetensors of {name} with --enc-ckpt")
+    if not ckpt and not random_weights and not isinstance(try_to_load_from_cache(f"timm/{name}", "model.safetensors"),
+                                                          str) and not online():
+        fail(f"DINOv2 weights timm/{name} are not in the Hugging Face cache and huggingface.co cannot be "
+             f"reached; download model.safetensors once elsewhere and pass it with --enc-ckpt")
+    enc = timm.create_model(name, pretrained=not random_weights or bool(ckpt), **kw,
+                            **(dict(pretrained_cfg_overlay=dict(file=ckpt)) if ckpt else {}))
     return enc.eval().requires_grad_(False)
 
 
-def reachable(host, port=443, timeout=3.0):
+def online():
     """Checked before a hub call because timm's hub client retries for about a minute when offline."""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return False
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        socket.create_connection(("huggingface.co", 443), timeout=3.0).close()
         return True
     except OSError:
         return False
@@ -722,11 +705,10 @@ def optimizer_step(loss, params, opt, m, args, sync):
 
 
 def repae_step(x, y, m, args, moments=None, sync=True):
-    """x: uint8 images (B, 3, H, W), y: labels (B,), moments: cached posterior (mean, std) of a frozen VAE or None.
-    m holds the models, their DDP wrappers (m.*_ddp, the bare module in one process), the optimisers, the grad
-    scaler and m.mark, a phase timer for --benchmark. sync=False: a micro-batch that only accumulates gradients.
-    Returns detached tensors: every loss and grad norm. Switches: --freeze-vae (REPA; with --proj-coeff 0,
-    vanilla SiT) and --no-stop-grad (the naive end-to-end ablation, L_DIFF also reaches the VAE)."""
+    """x: uint8 images (B, 3, H, W), y: labels (B,), moments: a frozen VAE's cached posterior (mean, std) or None;
+    m: models (m.*_ddp: their DDP wrappers), optimisers, grad scaler, m.mark (--benchmark's phase timer); sync=False:
+    a micro-batch that only accumulates. Returns every loss and grad norm, detached. Switches: --freeze-vae (REPA,
+    with --proj-coeff 0 vanilla SiT) and --no-stop-grad (the naive ablation: L_DIFF also reaches the VAE)."""
     amp = functools.partial(torch.autocast, x.device.type, dtype=m.amp_dtype, enabled=m.amp_dtype is not None)
     with amp():
         zs = encoder_targets(m.encoders, x)                 # 1. alignment targets, no grad
@@ -826,11 +808,11 @@ def build_vae(args):
 
 
 def build_sit(args, z_dims, vae):
-    kw = dict(input_size=args.resolution // vae.factor, in_channels=vae.z_channels, num_classes=args.num_classes,
-              class_dropout_prob=args.cfg_prob, z_dims=z_dims, encoder_depth=args.encoder_depth,
-              bn_momentum=args.bn_momentum, qk_norm=getattr(args, "qk_norm", False))
     smoke = dict(SMOKE["sit"], depth=max(4, args.encoder_depth)) if getattr(args, "smoke", False) else {}
-    return SiT_models[args.model](**kw, **smoke)
+    return SiT_models[args.model](input_size=args.resolution // vae.factor, in_channels=vae.z_channels,
+                                  num_classes=args.num_classes, class_dropout_prob=args.cfg_prob, z_dims=z_dims,
+                                  encoder_depth=args.encoder_depth, bn_momentum=args.bn_momentum,
+                                  qk_norm=getattr(args, "qk_norm", False), **smoke)
 
 
 def encoder_types(args):
@@ -840,13 +822,11 @@ def encoder_types(args):
 
 def build(args, device):
     """Every model, optimiser and the grad scaler of a run, on `device`, as a namespace for repae_step."""
-    m = SimpleNamespace(mark=lambda phase: None, ddp=[])
-    m.vae = build_vae(args)
+    m = SimpleNamespace(mark=lambda phase: None, ddp=[], vae=build_vae(args))
     if args.vae_ckpt:                                       # None only with --random-weights
         load_state(m.vae, load_file(args.vae_ckpt, "--vae-ckpt"), f"--vae-ckpt '{args.vae_ckpt}'", "--vae-ckpt/--vae")
     stats = args.latents_stats or (args.vae_ckpt and args.vae_ckpt.replace(".pt", "-latents-stats.pt"))
     scale, bias = load_latent_stats(stats) if stats else (torch.ones(m.vae.z_channels), torch.zeros(m.vae.z_channels))
-    m.vae.to(device)
     enc_types = encoder_types(args)
     ckpts = args.enc_ckpt.split(",") if args.enc_ckpt else [None] * len(enc_types)
     m.encoders = [load_encoder(e, args.resolution, c, args.random_weights, **(SMOKE["encoder"] if args.smoke else {}))
@@ -857,7 +837,8 @@ def build(args, device):
         if e.patch_embed.num_patches != tokens:
             fail(f"{name} gives {e.patch_embed.num_patches} tokens but the SiT has {tokens}; pick a --model "
                  f"patch size that matches the VAE ({args.vae}: SiT-*/2 for f8d4, SiT-*/1 for f16d32)")
-    m.sit.init_bn(scale.to(device), bias.to(device))
+    m.sit.init_bn(scale, bias)
+    m.vae.to(device)
     m.sit.to(device)
     m.ema = copy.deepcopy(m.sit).requires_grad_(False).eval()
     # As the released train_repae.py, whose requires_grad(model, True) before every SiT update also switches
@@ -872,8 +853,7 @@ def build(args, device):
     if args.freeze_vae:
         m.vae.eval().requires_grad_(False)
     else:
-        m.lpips = load_lpips(args.vgg_ckpt, args.lpips_ckpt, args.random_weights).to(device)
-        m.disc = NLayerDiscriminator()
+        m.lpips, m.disc = load_lpips(args.vgg_ckpt, args.lpips_ckpt, args.random_weights).to(device), NLayerDiscriminator()
         if args.disc_pretrained_ckpt:
             load_state(m.disc, load_file(args.disc_pretrained_ckpt, "--disc-pretrained-ckpt"),
                        "--disc-pretrained-ckpt", "--disc-pretrained-ckpt")
@@ -961,8 +941,8 @@ class ImageFolder(torchvision.datasets.ImageFolder):
 
 
 class SmokeImages(torch.utils.data.Dataset):
-    """Procedural class-conditional images, no download: class k is a disc of hue k/num_classes on a
-    dark vertical gradient, at a random position and radius. Random weights + these images: not a benchmark."""
+    """Procedural class-conditional images, no download: class k is a disc of hue k/num_classes on a dark
+    vertical gradient, at a seeded random place and size. Random weights + these images: not a benchmark."""
     def __init__(self, n, size, num_classes):
         self.n, self.size, self.num_classes = n, size, num_classes
 
@@ -970,16 +950,13 @@ class SmokeImages(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        y = i % self.num_classes
-        hue = torch.tensor(y / self.num_classes * 2 * math.pi)
-        color = 0.5 + 0.5 * torch.stack([torch.cos(hue), torch.cos(hue - 2.094), torch.cos(hue + 2.094)])
+        y, g = i % self.num_classes, torch.Generator().manual_seed(i)
+        color = 0.5 + 0.5 * torch.cos(torch.tensor(y / self.num_classes * 2 * math.pi) - torch.tensor([0, 2.094, -2.094]))
         cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([0.5, 0.5, 0.2]) + torch.tensor([0.25, 0.25, 0.15])) \
             * self.size
         yy, xx = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
         disc = (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2).float()
-        background = (yy.float() / self.size * 0.3)[None].expand(3, -1, -1)
-        image = disc * color[:, None, None] + (1 - disc) * background
+        image = disc * color[:, None, None] + (1 - disc) * (yy.float() / self.size * 0.3)
         return dict(x=(image * 255).round().to(torch.uint8), y=y, skipped=False)
 
 
@@ -989,17 +966,14 @@ def build_dataset(args):
     if args.smoke and not args.data_dir:
         return SmokeImages(args.max_images or 256, args.resolution, args.num_classes)
     root = args.data_dir
-    if not root or not os.path.isdir(root):
-        fail(f"--data-dir '{root}' is not a folder; point it at an ImageFolder tree (one sub-folder per class)")
-    if not any(e.is_dir() for e in os.scandir(root)):
-        fail(f"--data-dir '{root}' has no class sub-folders; it must hold one folder of images per class (the "
-             f"released preprocessing.py's images.h5 is not read here)")
+    if not os.path.isdir(root) or not any(e.is_dir() for e in os.scandir(root)):
+        fail(f"--data-dir '{root}' is not a folder with one sub-folder of images per class (an ImageFolder tree; "
+             f"the released preprocessing.py's images.h5 is not read here)")
     cache = os.path.join(root, args.vae_latents_name) if args.vae_latents_name and not args.cache_latents else None
     ds = ImageFolder(root, args.resolution, cache)
-    if len(ds) == 0:
-        fail(f"--data-dir '{root}' holds no images (.jpg, .png, ...) in its class sub-folders")
-    if len(ds.classes) > args.num_classes:
-        fail(f"--data-dir has {len(ds.classes)} classes but --num-classes is {args.num_classes}")
+    if len(ds) == 0 or len(ds.classes) > args.num_classes:
+        fail(f"--data-dir '{root}' holds {len(ds)} images (.jpg, .png, ...) in {len(ds.classes)} class sub-folders "
+             f"for --num-classes {args.num_classes}; it needs images, and no more classes than that")
     try:
         load_image(ds.samples[0][0], args.resolution)
     except (OSError, ValueError) as e:
@@ -1016,27 +990,26 @@ def build_dataset(args):
 
 def cache_meta(ds, args):
     """What a latent cache was made from: it serves only the same images, VAE weights and resolution."""
-    digest = hashlib.sha1()
+    weights = hashlib.sha1()
     with open(args.vae_ckpt, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
+            weights.update(chunk)
     files = hashlib.sha1("\n".join(os.path.relpath(p, ds.root) for p, _ in ds.samples).encode()).hexdigest()
-    return dict(images=len(ds), files=files, vae=args.vae, vae_weights=digest.hexdigest(), resolution=args.resolution,
+    return dict(images=len(ds), files=files, vae=args.vae, vae_weights=weights.hexdigest(), resolution=args.resolution,
                 smoke=args.smoke)
 
 
 def check_latent_cache(ds, args):
-    base = ds.cache
-    if not os.path.isfile(base + ".json"):
-        fail(f"there is no latent cache '{base}.npy'; write it first with --cache-latents --vae-latents-name "
+    if not os.path.isfile(ds.cache + ".json"):
+        fail(f"there is no latent cache '{ds.cache}.npy'; write it first with --cache-latents --vae-latents-name "
              f"{args.vae_latents_name} (same --data-dir and --vae-ckpt)")
-    made, now = json.load(open(base + ".json")), cache_meta(ds, args)
-    differ = [k for k in now if made.get(k) != now[k]]
-    if differ:
-        fail(f"the latent cache '{base}.npy' was made with another {'/'.join(differ)} ({made}); write a new one "
-             f"with --cache-latents and another --vae-latents-name")
-    if not np.load(base + ".done.npy").all():
-        fail(f"the latent cache '{base}.npy' is incomplete; run the same --cache-latents command again to finish it")
+    made, now = json.load(open(ds.cache + ".json")), cache_meta(ds, args)
+    if made != now:
+        fail(f"the latent cache '{ds.cache}.npy' was made with another "
+             f"{'/'.join(k for k in now if made.get(k) != now[k])} ({made}); write a new one with --cache-latents "
+             f"and another --vae-latents-name")
+    if not np.load(ds.cache + ".done.npy").all():
+        fail(f"the latent cache '{ds.cache}.npy' is incomplete; run the same --cache-latents command again to finish it")
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -1065,10 +1038,8 @@ def data_loader(ds, args, dist_env):
 # A small gloo group carries control messages (stop flags, RNG states) without device syncs.
 
 def init_distributed(deterministic=False):
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    procs, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    cuda, procs, gpus = torch.cuda.is_available(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
     if cuda and procs > gpus:
         fail(f"{procs} processes on this machine but {gpus} visible GPU(s): start one process per GPU "
              f"(torchrun --nproc_per_node={gpus}) or make more GPUs visible with CUDA_VISIBLE_DEVICES")
@@ -1089,10 +1060,6 @@ def init_distributed(deterministic=False):
                            device_ids=[local_rank] if cuda else None)
 
 
-def rng_state(device):
-    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
 def checkpoint_gb(args):
     """The size of one checkpoint (SiT, EMA and the Adam moments; VAE and discriminator with theirs when
     trained), from the parameter counts of the models built on the meta device."""
@@ -1104,10 +1071,14 @@ def checkpoint_gb(args):
     return 4 * (4 * sit + trained) / 2 ** 30
 
 
-def prepare_run(args, dist_env):
-    """The run folder <output-dir>/<exp-name> and the checkpoint to resume from, checked before any model is built:
-    an earlier run is never overwritten (continue it with --resume), the folder must be writable and its disk must
-    hold one more checkpoint. Returns (run_dir, checkpoint path or None)."""
+def prepare_run(args):
+    """The weights files, the run folder <output-dir>/<exp-name> and the checkpoint to resume from, checked before any
+    model is built: an earlier run is never overwritten (continue it with --resume), the folder must be writable and
+    its disk must hold one more checkpoint. Returns (run_dir, checkpoint path or None)."""
+    for flag in ("vae_ckpt", "latents_stats", "disc_pretrained_ckpt", "vgg_ckpt", "lpips_ckpt", "enc_ckpt"):
+        for path in (getattr(args, flag) or "").split(","):     # every weights file named, before any is read
+            if path and not os.path.isfile(path):
+                fail(f"weights file '{path}' does not exist; pass the right path with --{flag.replace('_', '-')}")
     run_dir = os.path.join(args.output_dir, args.exp_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     found = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
@@ -1132,12 +1103,14 @@ def prepare_run(args, dist_env):
 
 
 def save_checkpoint(path, m, args, step, dist_env):
-    """Official REPA-E keys plus what an exact resume needs; written to a temporary file, then renamed, so that a
-    crash or a full disk never leaves a truncated checkpoint. A write error stops every rank with one sentence."""
-    rngs = [rng_state(dist_env.device)]
+    """Official REPA-E keys plus what an exact resume needs (every rank's RNG, the grad scaler); written to a
+    temporary file, then renamed, so that a crash or a full disk never leaves a truncated checkpoint. A write
+    error stops every rank with one sentence."""
+    rng = dict(cpu=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state(dist_env.device) if dist_env.device.type == "cuda" else None)
+    rngs = [rng] + [None] * (dist_env.world - 1)
     if dist_env.world > 1:
-        rngs = [None] * dist_env.world
-        dist.all_gather_object(rngs, rng_state(dist_env.device), group=dist_env.ctrl)
+        dist.all_gather_object(rngs, rng, group=dist_env.ctrl)
     error = [None]
     if dist_env.is_main:
         ckpt = dict(model=m.sit.state_dict(), ema=m.ema.state_dict(), vae=m.vae.state_dict(), opt=m.opt.state_dict(),
@@ -1152,8 +1125,8 @@ def save_checkpoint(path, m, args, step, dist_env):
         except OSError as e:
             if os.path.lexists(f"{path}.tmp"):
                 os.remove(f"{path}.tmp")
-            error = [f"could not write checkpoint '{path}' ({str(e).splitlines()[0]}); the earlier checkpoints are "
-                     f"intact: free some space, then continue with --resume auto"]
+            error = [f"could not write checkpoint '{path}' ({e}); the earlier checkpoints are intact: free some "
+                     f"space, then continue with --resume auto"]
     if dist_env.world > 1:
         dist.broadcast_object_list(error, src=0, group=dist_env.ctrl)
     if error[0]:
@@ -1164,19 +1137,16 @@ def load_checkpoint(path, m, args, dist_env):
     """This project's or a released REPA-E checkpoint. Returns (step, exact): exact when every rank's RNG state
     could be restored (same world size), so that the resumed run is bitwise the uninterrupted one."""
     ckpt = load_file(path, "--resume")
-    missing = [k for k in ("model", "ema", "vae", "opt", "steps") + (() if args.freeze_vae else ("discriminator",))
-               if k not in ckpt]
+    models = dict(model=m.sit, ema=m.ema, vae=m.vae, **({} if args.freeze_vae else dict(discriminator=m.disc)))
+    optimisers = dict(opt=m.opt, **({} if args.freeze_vae else dict(opt_vae=m.opt_vae, opt_disc=m.opt_disc)))
+    missing = [k for k in [*models, *optimisers, "steps"] if k not in ckpt]
     if missing:
         fail(f"'{path}' lacks {missing}; it is not a training checkpoint of this configuration")
-    load_state(m.sit, ckpt["model"], f"the SiT in '{path}'", "--resume/--model")
-    load_state(m.ema, ckpt["ema"], f"the EMA SiT in '{path}'", "--resume/--model")
-    m.opt.load_state_dict(ckpt["opt"])
-    load_state(m.vae, ckpt["vae"], f"the VAE in '{path}'", "--resume/--vae")
-    if not args.freeze_vae:
-        load_state(m.disc, ckpt["discriminator"], f"the discriminator in '{path}'", "--resume")
-        m.opt_vae.load_state_dict(ckpt["opt_vae"])
-        m.opt_disc.load_state_dict(ckpt["opt_disc"])
-    if "scaler" in ckpt:
+    for key, model in models.items():
+        load_state(model, ckpt[key], f"the {key} weights in '{path}'", "--resume and the model flags")
+    for key, opt in optimisers.items():
+        opt.load_state_dict(ckpt[key])
+    if "scaler" in ckpt:                                    # released checkpoints have no scaler and no RNG states
         m.scaler.load_state_dict(ckpt["scaler"])
     rngs = ckpt.get("rng")
     if rngs and len(rngs) == dist_env.world:                # exact: every rank continues its own stream
@@ -1188,6 +1158,12 @@ def load_checkpoint(path, m, args, dist_env):
     return ckpt["steps"], False
 
 
+#################################################################################
+#                                 Training loop                                  #
+#################################################################################
+# DiT-style: one process per GPU, a run folder with args.json, log.txt, metrics.jsonl, checkpoints/ and samples/.
+# Exit status: 0 done, or stopped by SIGTERM/SIGINT after its checkpoint; 1 the run went wrong; 2 bad input.
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -1195,11 +1171,11 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20      # Linux reports KiB
 
 
-def to_uint8_grid(images, nrow):
-    """images in [-1, 1], (N, 3, H, W) -> uint8 HWC grid."""
+def save_grid(images, nrow, path):
+    """images in [-1, 1], (N, 3, H, W) -> one PNG grid."""
     grid = torchvision.utils.make_grid(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu(),
                                        nrow=nrow, padding=2)
-    return grid.permute(1, 2, 0).numpy()
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
 @torch.no_grad()
@@ -1207,17 +1183,15 @@ def write_previews(m, x, step, sample_dir, noise, labels):
     """EMA samples (Euler ODE, 50 steps, CFG 4.0 as the reference's previews) and VAE reconstructions."""
     z_n = euler_sampler(m.ema, noise, labels, num_steps=50, cfg_scale=4.0)
     scale, bias = m.ema.latent_stats()
-    images = m.vae.decode((z_n.float() / scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)))
-    Image.fromarray(to_uint8_grid(images, int(math.sqrt(len(images))))).save(f"{sample_dir}/{step:07d}-samples.png")
+    save_grid(m.vae.decode(z_n.float() / scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)), int(math.sqrt(len(noise))),
+              f"{sample_dir}/{step:07d}-samples.png")
     x_vae = x[:8].float() / 127.5 - 1
-    recon = m.vae.decode(m.vae.encode(x_vae).mode())
-    Image.fromarray(to_uint8_grid(torch.cat([x_vae, recon]), len(x_vae))).save(f"{sample_dir}/{step:07d}-recon.png")
+    save_grid(torch.cat([x_vae, m.vae.decode(m.vae.encode(x_vae).mode())]), len(x_vae), f"{sample_dir}/{step:07d}-recon.png")
 
 
 class Monitor:
     """The periodic work of a run, kept out of the training loop: log.txt and metrics.jsonl (values leave the device
-    only at log steps), the non-finite check, EMA previews, checkpoints, and the preemption signals (SIGTERM or
-    SIGINT: finish the step, checkpoint, exit 0)."""
+    only at log steps), the non-finite check, EMA previews, checkpoints, and the preemption signals."""
     def __init__(self, args, dist_env, run_dir, m, step):
         self.args, self.d, self.m, self.step0, self.saved, self.logged, self.skipped = \
             args, dist_env, m, step, step, step, 0
@@ -1235,7 +1209,7 @@ class Monitor:
                     f.writelines(rows)
                 os.replace(self.metrics + ".tmp", self.metrics)
             self.file = open(os.path.join(run_dir, "log.txt"), "a")
-        self.stop = []
+        self.stop = []                                      # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda *_: self.stop.append(True))
         g, latent = torch.Generator().manual_seed(args.seed), args.resolution // m.vae.factor   # fixed previews
@@ -1284,10 +1258,10 @@ class Monitor:
         if self.d.world > 1:
             dist.all_reduce(vals)
             vals /= self.d.world
-        now, args = time.time(), self.args
+        now, args, ema_bn = time.time(), self.args, self.m.ema.bn
         rate = (step - self.logged) / (now - self.t_log)
-        rec = dict(step=step, **dict(zip(self.keys, vals.tolist())), bn_mean=self.m.ema.bn.running_mean.mean().item(),
-                   bn_var=self.m.ema.bn.running_var.mean().item(), skipped_images=self.skipped,
+        rec = dict(step=step, **dict(zip(self.keys, vals.tolist())), bn_mean=ema_bn.running_mean.mean().item(),
+                   bn_var=ema_bn.running_var.mean().item(), skipped_images=self.skipped,
                    img_per_s=rate * args.batch_size * args.gradient_accumulation_steps, steps_per_s=rate,
                    peak_mem_gb=peak_memory_gb(self.d.device), elapsed_s=now - self.t0,
                    eta_s=(args.max_train_steps - step) / rate)
@@ -1316,12 +1290,6 @@ class Monitor:
             dist.destroy_process_group()
 
 
-#################################################################################
-#                                 Training loop                                  #
-#################################################################################
-# DiT-style: one process per GPU, a run folder with args.json, log.txt, metrics.jsonl, checkpoints/ and samples/.
-# Exit status: 0 done or stopped by a signal after its checkpoint, 1 the run went wrong, 2 bad input.
-
 def setup(args, dist_env, resume=None):
     """Models on every rank from the same seed (DDP then agrees from step 0, EMA and random-weight
     encoders included), then each rank reseeded for its own t, noise and label drops. Returns
@@ -1338,10 +1306,10 @@ def main(args):
     """Each update takes K micro-batches from the loader (train_step); Monitor does the periodic work."""
     dist_env = init_distributed(args.deterministic)
     dataset = build_dataset(args)
-    run_dir, resume = prepare_run(args, dist_env)
+    run_dir, resume = prepare_run(args)
     m, step, exact = setup(args, dist_env, resume)
     if step >= args.max_train_steps:
-        note(f"'{resume}' is at step {step}: --max-train-steps {args.max_train_steps} is reached, nothing to do")
+        say("note", f"'{resume}' is at step {step}: --max-train-steps {args.max_train_steps} is reached, nothing to do")
         return dist.destroy_process_group() if dist_env.world > 1 else None
     if args.compile:
         compile_blocks(m)
@@ -1428,23 +1396,31 @@ def cache_latents(args):
         dist.barrier(group=dist_env.ctrl)
     moments, done = np.load(base + ".npy", mmap_mode="r+"), np.load(base + ".done.npy", mmap_mode="r+")
     todo = [b for b in range(dist_env.rank, batches, dist_env.world) if not done[b]]
-    loader = torch.utils.data.DataLoader(ds, batch_size=B, sampler=[i for b in todo for i in range(b * B, min(n, b * B + B))],
+    loader = torch.utils.data.DataLoader(ds, B, sampler=[i for b in todo for i in range(b * B, min(n, b * B + B))],
                                          num_workers=args.num_workers, pin_memory=dist_env.device.type == "cuda")
     t0 = time.time()
     for k, (b, batch) in enumerate(zip(todo, loader), 1):
         q = vae.encode(batch["x"].to(dist_env.device).float() / 127.5 - 1)
         moments[b * B:b * B + len(batch["x"])] = torch.cat([q.mean, q.std], 1).cpu().numpy()
         moments.flush()
-        done[b] = 1
+        done[b] = 1                                         # flagged only once its rows are on disk
         done.flush()
         if dist_env.is_main and (k % 50 == 0 or k == len(todo)):
-            print(f"cached {k}/{len(todo)} batches of this process, {k * B / (time.time() - t0):.1f} images/s",
-                  flush=True)
+            print(f"cached {k}/{len(todo)} batches of this process, {k * B / (time.time() - t0):.1f} images/s", flush=True)
     if dist_env.world > 1:
         dist.barrier(group=dist_env.ctrl)
         dist.destroy_process_group()
     if dist_env.is_main:
         print(f"wrote {base}.npy: {n} images' posterior moments; train with --vae-latents-name {args.vae_latents_name}")
+
+
+def count_flops(fn, *args):
+    """The matmul and convolution FLOPs of fn(*args), forward and backward, as FlopCounterMode counts them; with the
+    math attention kernel, whose matmuls it counts on every device (it knows no formula for the CPU flash one)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        fn(*args)
+    return counter.get_total_flops()
 
 
 # dense bf16 peak of the GPUs (TFLOP/s) for --benchmark's MFU; the first name contained in the device's wins
@@ -1453,17 +1429,14 @@ PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A10
 
 def benchmark(args):
     """--benchmark N: the configured models with random weights on synthetic batches. The FLOPs of one uncompiled
-    step are counted (FlopCounterMode) for the MFU; then warm-up (compile) and N timed steps with a device sync at
-    each phase boundary. Rank 0 prints the figures, and the graphs compiled during the timed steps (recompiles)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    step are counted for the MFU; then warm-up (compile) and N timed steps with a device sync at each phase
+    boundary. Rank 0 prints the figures, and the graphs compiled during the timed steps (recompiles)."""
     dist_env = init_distributed(args.deterministic)
     device, local_bs, n = dist_env.device, args.batch_size // dist_env.world, args.benchmark
     m = setup(args, dist_env)[0]
     x = torch.randint(0, 256, (local_bs, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
     y = torch.randint(0, args.num_classes, (local_bs,), device=device)
-    with FlopCounterMode(display=False) as counter:
-        repae_step(x, y, m, args)
-    t_compile = time.perf_counter()
+    flops, t_warmup = count_flops(repae_step, x, y, m, args), time.perf_counter()
     if args.compile:
         compile_blocks(m)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -1474,19 +1447,18 @@ def benchmark(args):
         now = time.perf_counter()
         times.setdefault(phase, []).append(now - last[0])
         last[0] = now
-    m.mark = mark
-    warmup = 3 if args.compile else 2
+    m.mark, warmup = mark, 3 if args.compile else 2
     for i in range(warmup + n):
         if i == warmup:
             times.clear()
-            t_compile, compiled = time.perf_counter() - t_compile, graphs["unique_graphs"]
+            t_warmup, compiled = time.perf_counter() - t_warmup, graphs["unique_graphs"]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         sync()
         last[0] = time.perf_counter()
         repae_step(x, y, m, args)
     steps = torch.tensor([sum(ts) for ts in zip(*times.values())]) * 1000
-    step_s, flops = steps.median().item() / 1000, counter.get_total_flops()
+    step_s = steps.median().item() / 1000
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)),
                                     None) if device.type == "cuda" else args.peak_tflops
     if dist_env.is_main:
@@ -1502,7 +1474,7 @@ def benchmark(args):
         print(f"flops_per_step: {flops / 1e12:.4f} TFLOP per process; achieved {flops / step_s / 1e12:.2f} TFLOP/s")
         print(f"mfu: {100 * flops / step_s / (peak * 1e12):.1f}% of {peak} TFLOP/s dense bf16" if peak else
               "mfu: n/a (no known peak for this device; pass --peak-tflops)")
-        print(f"warmup_s: {t_compile:.1f} ({warmup} steps{', compile included' * args.compile}); graphs compiled: "
+        print(f"warmup_s: {t_warmup:.1f} ({warmup} steps{', compile included' * args.compile}); graphs compiled: "
               f"{compiled}, of which during the timed steps (recompiles): {graphs['unique_graphs'] - compiled}")
     if dist_env.world > 1:
         dist.destroy_process_group()
@@ -1531,11 +1503,6 @@ def at_least(n):
     return number
 
 
-def note(msg):
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{os.path.basename(sys.argv[0])}: note: {msg}", file=sys.stderr, flush=True)
-
-
 # configs/l1_lpips_kl_gan.yaml of the released code: the L_REG that vae_regulariser computes
 RELEASED_LOSS_CFG = dict(quantize_mode="vae", discriminator_start=0, discriminator_factor=1, discriminator_weight=0.1,
                          quantizer_weight=1, perceptual_loss="lpips", perceptual_weight=1, reconstruction_loss="l1",
@@ -1557,22 +1524,20 @@ def check_loss_cfg(path):
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = Parser(description="REPA-E: end-to-end training of a VAE and a latent diffusion transformer")
-    a, on_off = p.add_argument, argparse.BooleanOptionalAction
-    a("--data-dir", default=None, help="ImageFolder tree, one sub-folder of images per class; default: data, as the "
-                                       "released scripts (--smoke alone trains on procedural images)")
-    a("--max-images", type=at_least(1), default=None, help="train on a spread-out subset of this many images")
+    a, on_off, trackers = p.add_argument, argparse.BooleanOptionalAction, "accepted: metrics go to the run folder"
+    a("--data-dir", help="ImageFolder tree, one sub-folder per class; default: data (--smoke: procedural images)")
+    a("--max-images", type=at_least(1), help="train on a spread-out subset of this many images")
     a("--resolution", type=at_least(32), default=256)
     a("--num-classes", type=at_least(1), default=1000)
     a("--model", default="SiT-XL/2", choices=list(SiT_models))
     a("--vae", "--vae-arch", default="f8d4", choices=list(vae_models))
-    a("--vae-ckpt", "--vae-ckpt-path", default=None, help="VAE weights (official LDM layout); default for f8d4: "
-                                                        "pretrained/sdvae/sdvae-f8d4.pt")
-    a("--latents-stats", default=None, help="latent statistics; default: <vae-ckpt>-latents-stats.pt")
-    a("--disc-pretrained-ckpt", "--disc-ckpt", default=None, help="discriminator weights; random init if absent")
-    a("--vgg-ckpt", default=None, help="torchvision VGG16 weights for LPIPS; default: downloaded once")
-    a("--lpips-ckpt", default=None, help="LPIPS heads (taming vgg.pth); default: downloaded once")
-    a("--enc-type", default="dinov2-vit-b", help="alignment encoder(s), comma separated, e.g. dinov2-vit-b")
-    a("--enc-ckpt", default=None, help="local timm model.safetensors for each --enc-type (offline clusters)")
+    a("--vae-ckpt", "--vae-ckpt-path", help="VAE weights, official layout; default for f8d4: pretrained/sdvae/sdvae-f8d4.pt")
+    a("--latents-stats", help="latent statistics; default: <vae-ckpt>-latents-stats.pt")
+    a("--disc-pretrained-ckpt", "--disc-ckpt", help="discriminator weights; random init if absent")
+    a("--vgg-ckpt", help="torchvision VGG16 weights for LPIPS; default: downloaded once")
+    a("--lpips-ckpt", help="LPIPS heads (taming vgg.pth); default: downloaded once")
+    a("--enc-type", default="dinov2-vit-b", help="alignment encoder(s), comma separated: dinov2-vit-{s,b,l,g}[-reg]")
+    a("--enc-ckpt", help="local timm model.safetensors for each --enc-type (offline clusters)")
     a("--encoder-depth", type=at_least(1), default=8, help="SiT block whose tokens are aligned (8 for L/XL)")
     a("--proj-coeff", type=float, default=0.5, help="weight of L_REPA in the SiT loss")
     a("--vae-align-proj-coeff", type=float, default=1.5, help="weight of L_REPA in the VAE loss")
@@ -1581,57 +1546,44 @@ def parse_args(argv=None):
     a("--fused-attn", action=on_off, default=True, help="attention by scaled_dot_product_attention (always on)")
     a("--cfg-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
     a("--path-type", default="linear", choices=["linear", "cosine"])
-    a("--prediction", default="v", choices=["v"], help="the SiT predicts the velocity (the released code's only choice)")
+    a("--prediction", default="v", choices=["v"], help="velocity prediction, the released code's only choice")
     a("--weighting", default="uniform", choices=["uniform", "lognormal"], help="distribution of t")
     a("--freeze-vae", action="store_true", help="keep the VAE frozen: REPA (and vanilla SiT with --proj-coeff 0)")
-    a("--stop-grad", action=on_off, default=True,
-      help="--no-stop-grad lets L_DIFF reach the VAE: the naive end-to-end ablation that collapses")
-    a("--vae-latents-name", default=None, help="train a frozen-VAE SiT from <data-dir>/<name>.npy, the latent "
-                                               "cache that --cache-latents wrote (implies --freeze-vae)")
-    a("--loss-cfg-path", default=None, help="accepted when it is the released configs/l1_lpips_kl_gan.yaml")
+    a("--stop-grad", action=on_off, default=True, help="--no-stop-grad: L_DIFF reaches the VAE (the naive ablation)")
+    a("--vae-latents-name", help="train a frozen-VAE SiT on <data-dir>/<name>.npy from --cache-latents")
+    a("--loss-cfg-path", help="accepted when it is the released configs/l1_lpips_kl_gan.yaml")
     a("--batch-size", type=at_least(1), default=256, help="images per micro-batch over all processes")
     a("--gradient-accumulation-steps", type=at_least(1), default=1, help="micro-batches per optimiser update")
-    a("--learning-rate", type=float, default=1e-4)
-    a("--vae-learning-rate", type=float, default=1e-4)
-    a("--disc-learning-rate", type=float, default=1e-4)
-    a("--adam-beta1", type=float, default=0.9)
-    a("--adam-beta2", type=float, default=0.999)
-    a("--adam-weight-decay", type=float, default=0.0)
-    a("--adam-epsilon", type=float, default=1e-8)
-    a("--max-grad-norm", type=float, default=1.0)
-    a("--ema-decay", type=float, default=0.9999)
+    for flag, value in (("--learning-rate", 1e-4), ("--vae-learning-rate", 1e-4), ("--disc-learning-rate", 1e-4),
+                        ("--adam-beta1", 0.9), ("--adam-beta2", 0.999), ("--adam-weight-decay", 0.0),
+                        ("--adam-epsilon", 1e-8), ("--max-grad-norm", 1.0), ("--ema-decay", 0.9999)):
+        a(flag, type=float, default=value)
     a("--max-train-steps", type=at_least(1), default=400_000)
     a("--epochs", type=at_least(1), default=1400, help="stop after this many passes over the data, if earlier")
     a("--checkpointing-steps", type=at_least(1), default=50_000)
     a("--log-every", type=at_least(1), default=100)
-    a("--sample-every", "--sampling-steps", type=at_least(0), default=10_000,
-      help="EMA sample and reconstruction grids; 0 turns them off")
-    a("--output-dir", default=None, help="parent of the run folder (default: exps)")
-    a("--exp-name", default=None, help="run folder name; default derived from the configuration")
-    a("--resume", default=None, help="'auto' (latest checkpoint of this run) or a checkpoint path")
-    a("--resume-step", type=at_least(1), default=None, help="resume from checkpoints/<step>.pt of this run or of "
-                                                          "--continue-train-exp-dir")
-    a("--continue-train-exp-dir", default=None, help="run folder whose checkpoint --resume-step names")
-    a("--report-to", default=None, help="accepted; metrics go to the run's metrics.jsonl and log.txt")
-    a("--logging-dir", default=None, help="accepted; metrics go to the run's metrics.jsonl and log.txt")
-    a("--wandb-history-path", default=None, help="accepted; metrics go to the run's metrics.jsonl and log.txt")
+    a("--sample-every", "--sampling-steps", type=at_least(0), default=10_000, help="preview grids; 0: none")
+    a("--output-dir", help="parent of the run folder; default: exps")
+    a("--exp-name", help="run folder name; default derived from the configuration")
+    a("--resume", help="'auto' (latest checkpoint of this run) or a checkpoint path")
+    a("--resume-step", type=at_least(1), help="resume from checkpoints/<step>.pt of --continue-train-exp-dir")
+    a("--continue-train-exp-dir", help="the run folder --resume-step reads; default: this run's")
+    for flag in ("--report-to", "--logging-dir", "--wandb-history-path"):
+        a(flag, help=f"{trackers}'s metrics.jsonl and log.txt")
     a("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"], help="autocast dtype on CUDA (CPU: fp32)")
     a("--allow-tf32", action=on_off, default=True)
-    a("--deterministic", action="store_true", help="deterministic CUDA kernels, so that a resumed run is bitwise "
-                                                   "equal to an uninterrupted one on GPUs too (slower)")
+    a("--deterministic", action="store_true", help="deterministic CUDA kernels: a resumed run is bitwise exact on GPUs")
     a("--seed", type=int, default=0)
     a("--num-workers", type=at_least(0), default=min(4, len(os.sched_getaffinity(0))))
     a("--random-weights", action="store_true", help="random weights for every pretrained piece whose file is not given")
     a("--compile", action=on_off, default=False, help="torch.compile the repeated blocks of every network")
     a("--vae-checkpointing", action="store_true", help="recompute VAE decoder activations in backward (saves memory)")
-    a("--smoke", action="store_true", help="tiny random-weight models on procedural images (or on --data-dir): "
-                                           "a quick check of the pipeline, not a benchmark")
-    a("--export-vae", default=None, metavar="CKPT", help="write the tuned VAE of a REPA-E checkpoint to --output-dir")
-    a("--cache-latents", action="store_true", help="write the VAE posterior of every --data-dir image to "
-                                                   "<data-dir>/<--vae-latents-name>.npy, then stop")
-    a("--pproc-batch-size", type=at_least(1), default=None, help="images per process and batch of --cache-latents")
+    a("--smoke", action="store_true", help="tiny random-weight models on procedural images (or --data-dir): a check")
+    a("--export-vae", metavar="CKPT", help="write the tuned VAE of a REPA-E checkpoint to --output-dir")
+    a("--cache-latents", action="store_true", help="store the posterior of every --data-dir image, then stop")
+    a("--pproc-batch-size", type=at_least(1), help="images per process and batch of --cache-latents")
     a("--benchmark", type=at_least(0), default=0, metavar="N", help="time N steps on synthetic data, random weights")
-    a("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for the MFU of --benchmark")
+    a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for the MFU of --benchmark")
     if "--smoke" in argv:                                   # its defaults; flags given still win
         p.set_defaults(resolution=64, num_classes=None, batch_size=8, max_train_steps=40, checkpointing_steps=20,
                        log_every=10, sample_every=20, num_workers=0, encoder_depth=2, exp_name="smoke")
@@ -1641,52 +1593,50 @@ def parse_args(argv=None):
 
 
 def check_args(args, p):
-    """Every combination that cannot work is refused here, before a model is built or a file written."""
+    """Every combination that cannot work is refused here, before a model is built or a file written; the defaults
+    that depend on other flags are filled in."""
     args.random_weights = args.random_weights or args.smoke or bool(args.benchmark)
     if args.vae_ckpt is None and not args.random_weights:
         if args.vae != "f8d4":
             p.error(f"--vae {args.vae} needs its weights: pass --vae-ckpt (e.g. pretrained/vavae/vavae-f16d32.pt)")
         args.vae_ckpt = "pretrained/sdvae/sdvae-f8d4.pt"
     if args.vae_latents_name and not args.cache_latents and not args.freeze_vae:
-        note("--vae-latents-name trains on cached latents of a frozen VAE, so the VAE stays frozen (--freeze-vae)")
+        say("note", "--vae-latents-name trains on cached latents of a frozen VAE, so the VAE stays frozen (--freeze-vae)")
         args.freeze_vae = True
-    if args.freeze_vae and not args.stop_grad:
-        p.error("--no-stop-grad sends L_DIFF into the VAE, which --freeze-vae keeps frozen; use one of them")
-    if args.proj_coeff == 0 and not args.freeze_vae:
-        p.error("--proj-coeff 0 leaves the projector untrained, so L_REPA cannot guide the VAE; "
-                "use it with --freeze-vae (the vanilla SiT baseline)")
-    if not args.fused_attn:
-        p.error("--no-fused-attn selects timm's unfused attention, which computes the same values; this "
-                "implementation always uses scaled_dot_product_attention, drop the flag")
-    world = int(os.environ.get("WORLD_SIZE", 1))            # set by torchrun
-    if args.batch_size % world:
-        p.error(f"--batch-size {args.batch_size} is global and not divisible by the {world} processes")
-    if args.resolution % 32:
-        p.error(f"--resolution {args.resolution} must be a multiple of 32 (VAE factor x SiT patch x DINOv2 grid)")
+    world, n_enc = int(os.environ.get("WORLD_SIZE", 1)), len(args.enc_type.split(","))   # WORLD_SIZE: torchrun
+    refusals = [
+        (args.freeze_vae and not args.stop_grad, "--no-stop-grad sends L_DIFF into the VAE, which --freeze-vae keeps "
+                                                 "frozen; use one of them"),
+        (args.proj_coeff == 0 and not args.freeze_vae, "--proj-coeff 0 leaves the projector untrained, so L_REPA "
+                                                       "cannot guide the VAE; use it with --freeze-vae (vanilla SiT)"),
+        (not args.fused_attn, "--no-fused-attn selects timm's unfused attention, which computes the same values; this "
+                              "implementation always uses scaled_dot_product_attention, drop the flag"),
+        (args.batch_size % world, f"--batch-size {args.batch_size} is global and not divisible by the {world} processes"),
+        (args.resolution % 32, f"--resolution {args.resolution} must be a multiple of 32 (VAE x SiT patch x DINOv2 grid)"),
+        (args.enc_ckpt and len(args.enc_ckpt.split(",")) != n_enc, f"--enc-ckpt must name one file per --enc-type "
+                                                                   f"encoder ({n_enc})"),
+        (args.resume and args.resume_step, "--resume and --resume-step both name the checkpoint to continue from; "
+                                           "give one"),
+        (args.continue_train_exp_dir and not args.resume_step, "--continue-train-exp-dir names the run to continue; "
+                                                               "say which checkpoint with --resume-step"),
+        (args.cache_latents and (not args.vae_latents_name or not args.vae_ckpt or args.output_dir or args.max_images),
+         "--cache-latents writes <data-dir>/<name>.npy next to the images, where training reads it: it needs "
+         "--vae-latents-name and --vae-ckpt, and takes no --output-dir or --max-images"),
+        (args.pproc_batch_size and not args.cache_latents, "--pproc-batch-size is the batch of --cache-latents; "
+                                                           "training uses --batch-size")]
+    for refused, why in refusals:
+        if refused:
+            p.error(why)
     for e in args.enc_type.split(","):
         dinov2_timm_name(e)
-    if args.enc_ckpt and len(args.enc_ckpt.split(",")) != len(args.enc_type.split(",")):
-        p.error(f"--enc-ckpt names {len(args.enc_ckpt.split(','))} file(s) for {len(args.enc_type.split(','))} "
-                f"--enc-type encoder(s); give one per encoder")
-    if args.resume and args.resume_step:
-        p.error("--resume and --resume-step both name the checkpoint to continue from; give one")
-    if args.continue_train_exp_dir and not args.resume_step:
-        p.error("--continue-train-exp-dir names the run to continue; say which checkpoint with --resume-step")
     if args.loss_cfg_path:
         check_loss_cfg(args.loss_cfg_path)
-    if args.cache_latents:
-        if not (args.vae_latents_name and args.vae_ckpt) or args.output_dir or args.max_images:
-            p.error("--cache-latents writes <data-dir>/<name>.npy next to the images, where training reads it: "
-                    "it needs --vae-latents-name and --vae-ckpt, and takes no --output-dir or --max-images")
-    elif args.pproc_batch_size:
-        p.error("--pproc-batch-size is the batch of --cache-latents; training uses --batch-size")
-    for flag in ("report_to", "logging_dir", "wandb_history_path"):
-        if getattr(args, flag):
-            note(f"--{flag.replace('_', '-')} is accepted, but this implementation has no experiment trackers: "
-                 f"metrics go to the run folder's metrics.jsonl and log.txt; the run continues")
+    if args.report_to or args.logging_dir or args.wandb_history_path:
+        say("note", "--report-to, --logging-dir and --wandb-history-path are accepted, but this implementation has no "
+                    "experiment trackers: metrics go to the run folder's metrics.jsonl and log.txt; the run continues")
     args.output_dir = args.output_dir or "exps"
     if args.data_dir is None and (args.cache_latents or not args.smoke):
-        args.data_dir = "data"
+        args.data_dir = "data"                              # the released scripts' default
     if args.num_classes is None:                            # --smoke: the classes of --data-dir, else 10
         args.num_classes = sum(e.is_dir() for e in os.scandir(args.data_dir)) if args.data_dir and \
             os.path.isdir(args.data_dir) else 10

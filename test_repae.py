@@ -1,5 +1,6 @@
 """Tests of the REPA-E reference implementation: CPU only, tiny shapes, random weights, no network."""
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -252,13 +253,66 @@ def test_frozen_vae_baselines_build_nothing_they_do_not_need():
     assert repae.repae_step(x, y, m, args)["l_repa"] == 0
 
 
+def test_gradient_accumulation_equals_a_reference_loop():
+    """--gradient-accumulation-steps 2 against a loop written out here, as accelerate's accumulate runs the
+    released step: every micro-batch's three losses / K with the weights of before the update, gradients summed,
+    one clip and one AdamW step per model, one EMA update; DDP skips its all-reduce on all but the last."""
+    args, m, x, y = tiny_run("--gradient-accumulation-steps", "2", "--ema-decay", "0.5")
+    _, ref, _, _ = tiny_run("--ema-decay", "0.5")              # the same weights (same seed)
+    batches = [dict(x=x[:2], y=y[:2]), dict(x=x[2:], y=y[2:])]
+    entered = []
+
+    class FakeDDP:
+        @contextlib.contextmanager
+        def no_sync(self):
+            entered.append(1)
+            yield
+    m.ddp = [FakeDDP()]
+    torch.manual_seed(1)
+    logs = repae.train_step(batches, m, args, CPU.device)
+    assert entered == [1] and {"grad_norm_vae", "grad_norm_disc", "grad_norm_sit"} <= set(logs)
+    torch.manual_seed(1)
+    for b in batches:                                       # the same draws, in the step's order
+        zs = repae.encoder_targets(ref.encoders, b["x"])
+        x_vae = b["x"].float() / 127.5 - 1
+        posterior, z, recon = ref.vae(x_vae)
+        t, eps = torch.rand(len(z)), torch.randn_like(z)
+        ref.sit.eval().requires_grad_(False)
+        ref.disc.requires_grad_(False)
+        z_n = ref.sit.bn(z)
+        _, zs_tilde = ref.sit((1 - t.view(-1, 1, 1, 1)) * z_n + t.view(-1, 1, 1, 1) * eps, t, b["y"], mode="align")
+        loss_vae = (x_vae - recon).abs().mean() + ref.lpips(x_vae, recon).mean() + 1e-6 * posterior.kl().mean() \
+            - 0.1 * ref.disc(recon).mean() + 1.5 * repae.repa_loss(zs_tilde, zs)
+        (loss_vae / 2).backward()
+        ref.sit.train().requires_grad_(True)
+        ref.disc.requires_grad_(True)
+        (repae.hinge_d_loss(ref.disc(x_vae), ref.disc(recon.detach())) / 2).backward()
+        z_n = ref.sit.bn(z.detach())
+        v_pred, zs_tilde = ref.sit((1 - t.view(-1, 1, 1, 1)) * z_n + t.view(-1, 1, 1, 1) * eps, t, b["y"])
+        loss_sit = (v_pred - (eps - z_n)).pow(2).mean() + 0.5 * repae.repa_loss(zs_tilde, zs)
+        (loss_sit / 2).backward()
+    for model, opt in ((ref.vae, ref.opt_vae), (ref.disc, ref.opt_disc), (ref.sit, ref.opt)):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    repae.update_ema(ref.ema, ref.sit, 0.5)
+    for name in ("vae", "disc", "sit", "ema"):
+        for (k, a), b in zip(getattr(m, name).state_dict().items(), getattr(ref, name).state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}.{k}")
+
+
+
 #################################################################################
 #                       Weights and bad input: one clear sentence                #
 #################################################################################
 
-def test_missing_and_mismatched_weights(tmp_path, capsys):
+def test_missing_and_mismatched_weights(tmp_path, capsys, monkeypatch):
     args = repae.parse_args(["--vae-ckpt", str(tmp_path / "nope.pt"), "--model", "SiT-S/2"])
     assert "nope.pt' does not exist; pass the right path with --vae-ckpt" in error(capsys, repae.build, args, CPU.device)
+    with monkeypatch.context() as patch:                    # every named file is checked before any model is built
+        patch.setattr(repae, "build", lambda *a: pytest.fail("a model was built"))
+        msg = error(capsys, repae.main, smoke_args("--lpips-ckpt", str(tmp_path / "nope.pth"), "--output-dir",
+                                                   str(tmp_path / "o")))
+    assert "nope.pth' does not exist; pass the right path with --lpips-ckpt" in msg and not (tmp_path / "o").exists()
     torch.save(repae.AutoencoderKL(ch=32, ch_mult=(1, 2), z_channels=4, num_res_blocks=1).state_dict(), tmp_path / "v.pt")
     msg = error(capsys, repae.load_state, repae.vae_models["f8d4"](), torch.load(tmp_path / "v.pt"), "--vae-ckpt",
                 "--vae-ckpt/--vae")
@@ -478,8 +532,9 @@ def test_data_errors_are_found_before_anything_is_written(tmp_path, capsys):
     def first_image_broken(d):
         make_images(d, 2, 4)
         (d / "class0" / "0.png").write_bytes(b"no png")
-    for setup, msg in [(lambda d: None, "is not a folder"), (lambda d: d.mkdir(), "no class sub-folders"),
-                       (lambda d: (d / "a").mkdir(parents=True), "holds no images"),
+    for setup, msg in [(lambda d: None, "is not a folder with one sub-folder"),
+                       (lambda d: d.mkdir(), "is not a folder with one sub-folder of images per class"),
+                       (lambda d: (d / "a").mkdir(parents=True), "holds 0 images"),
                        (lambda d: make_images(d, 1, 3), "fewer than one update"),
                        (first_image_broken, "cannot read the first image")]:
         d = tmp_path / f"data{len(msg)}"
@@ -819,7 +874,7 @@ def test_messages_name_the_truth(tmp_path, capsys, monkeypatch):
 #################################################################################
 
 def test_benchmark_prints_every_figure():
-    r = run_cli("repae.py", "--benchmark", "2", "--smoke", "--batch-size", "4")
+    r = run_cli("repae.py", "--benchmark", "2", "--smoke", "--batch-size", "4", "--peak-tflops", "0.5")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
     median = lambda k: float(lines[k].split()[1])
@@ -827,6 +882,23 @@ def test_benchmark_prints_every_figure():
     assert all(v > 0 for v in phases) and float(lines["images_per_s"]) > 0
     assert abs(sum(phases) - median("step_time_ms")) < 0.2 * median("step_time_ms")
     assert float(lines["peak_memory_gb"].split()[0]) > 0 and "2 timed steps" in lines["benchmark"]
+    flops = float(lines["flops_per_step"].split()[0]) * 1e12                      # MFU = FLOPs / time / peak
+    assert flops > 0 and float(lines["mfu"].split("%")[0]) == pytest.approx(
+        100 * flops / (median("step_time_ms") / 1000) / 0.5e12, rel=0.01, abs=0.06)
+    assert "recompiles): 0" in lines["warmup_s"]
+
+
+def test_flop_count_of_a_sit_forward_equals_its_closed_form():
+    """The count --benchmark divides by the step time: 2 FLOPs per multiply-add of every linear and convolution,
+    and 4 T^2 D per attention layer (counted on the CPU too)."""
+    N, T, D, p, C, P = 2, 16, 64, 2, 4, 32                 # batch, tokens, width, patch, channels, projector width
+    sit = repae.SiT(input_size=8, patch_size=p, in_channels=C, hidden_size=D, depth=3, num_heads=2, z_dims=(16,),
+                    encoder_depth=2, num_classes=10, projector_dim=P)
+    block = N * (2 * T * D * (3 * D + D + 4 * D + 4 * D) + 4 * T * T * D + 2 * D * 6 * D)   # qkv, proj, mlp; adaLN
+    rest = N * (2 * T * C * p * p * D + 2 * (256 * D + D * D) + 2 * D * 2 * D + 2 * T * D * p * p * C
+                + 2 * T * (D * P + P * P + P * 16))        # patch embed, t embedding, final layer, projector
+    flops = repae.count_flops(sit, torch.randn(N, C, 8, 8), torch.rand(N), torch.zeros(N, dtype=torch.long))
+    assert flops == 3 * block + rest
 
 
 def test_compiled_step_matches_eager(monkeypatch):
@@ -894,6 +966,136 @@ def test_frozen_training_on_an_exported_vae(tmp_path, monkeypatch):
     repae.repae_step(x, y, m, args)
     assert all(torch.equal(v, exported[k]) for k, v in m.vae.state_dict().items())
     assert not hasattr(m, "disc") and not hasattr(m, "lpips") and not hasattr(m, "opt_vae")
+
+
+#################################################################################
+#       The released workflow: cache latents, train on them, same commands       #
+#################################################################################
+
+def test_latent_cache_holds_the_posterior_resumes_and_trains_like_the_encoder(tmp_path, capsys):
+    d = tmp_path / "data"
+    make_images(d, 2, 4)
+    torch.manual_seed(2)
+    vae = repae.build_vae(smoke_args()).eval()
+    torch.save(vae.state_dict(), tmp_path / "v.pt")
+    torch.save(dict(latents_scale=torch.full((1, 4, 1, 1), 0.5), latents_bias=torch.zeros(1, 4, 1, 1)),
+               tmp_path / "v-latents-stats.pt")
+    flags = ["--data-dir", str(d), "--vae-ckpt", str(tmp_path / "v.pt"), "--vae-latents-name", "lat"]
+    repae.cache_latents(smoke_args("--cache-latents", "--pproc-batch-size", "3", *flags))
+    moments, done = np.load(d / "lat.npy"), np.load(d / "lat.done.npy")
+    ds = repae.ImageFolder(str(d), 64)
+    with torch.no_grad():
+        q = vae.encode(torch.stack([ds[i]["x"] for i in range(8)]).float() / 127.5 - 1)
+    assert moments.shape == (8, 8, 8, 8) and done.tolist() == [1, 1, 1]           # 3 batches of 3, 3, 2 images
+    np.testing.assert_allclose(moments, torch.cat([q.mean, q.std], 1).numpy(), rtol=1e-5, atol=1e-6)
+    cached = np.load(d / "lat.npy", mmap_mode="r+")          # a pass killed after batch 0: batches 1, 2 redone
+    cached[3:] = 0
+    np.lib.format.open_memmap(d / "lat.done.npy", "r+")[1:] = 0
+    del cached
+    repae.cache_latents(smoke_args("--cache-latents", "--pproc-batch-size", "3", *flags))
+    np.testing.assert_array_equal(np.load(d / "lat.npy"), moments)
+    # training from the cache never runs the encoder and gives the encoder path's losses for the same draws
+    args = smoke_args("--batch-size", "4", *flags)
+    assert args.freeze_vae and "stays frozen" in capsys.readouterr().err
+    batch = next(iter(repae.data_loader(repae.build_dataset(args), args, CPU)))
+    logs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        m = repae.wrap_distributed(repae.build(args, CPU.device), CPU)
+        m.vae.encoder.forward = (lambda x: pytest.fail("the encoder ran")) if use_cache else m.vae.encoder.forward
+        torch.manual_seed(1)
+        logs.append(repae.repae_step(batch["x"], batch["y"], m, args, batch["moments"] if use_cache else None))
+    for k in logs[0]:
+        torch.testing.assert_close(logs[0][k], logs[1][k], rtol=1e-5, atol=1e-6, msg=k)
+    torch.save(repae.build_vae(smoke_args()).state_dict(), tmp_path / "other.pt")   # another VAE: refused
+    shutil.copy(tmp_path / "v-latents-stats.pt", tmp_path / "other-latents-stats.pt")
+    msg = error(capsys, repae.build_dataset, smoke_args(*flags[:2], "--vae-ckpt", str(tmp_path / "other.pt"),
+                                                      "--vae-latents-name", "lat"))
+    assert "was made with another vae_weights" in msg
+    assert "was made with another resolution" in error(capsys, repae.build_dataset, smoke_args("--resolution", "96", *flags))
+    np.lib.format.open_memmap(d / "lat.done.npy", "r+")[2] = 0
+    assert "is incomplete" in error(capsys, repae.build_dataset, smoke_args(*flags))
+
+
+# The four commands of the released README (End2End-Diffusion/REPA-E), after the launcher and the script name
+RELEASED_COMMANDS = {
+    "train_repae.py": """--max-train-steps=400000 --report-to="wandb" --allow-tf32 --mixed-precision="fp16" --seed=0
+        --data-dir="data" --output-dir="exps" --batch-size=256 --path-type="linear" --prediction="v"
+        --weighting="uniform" --model="SiT-XL/2" --checkpointing-steps=50000
+        --loss-cfg-path="configs/l1_lpips_kl_gan.yaml" --vae="f8d4" --vae-ckpt="pretrained/sdvae/sdvae-f8d4.pt"
+        --disc-pretrained-ckpt="pretrained/sdvae/sdvae-f8d4-discriminator-ckpt.pt" --enc-type="dinov2-vit-b"
+        --proj-coeff=0.5 --encoder-depth=8 --vae-align-proj-coeff=1.5 --bn-momentum=0.1
+        --exp-name="sit-xl-dinov2-b-enc8-repae-sdvae-0.5-1.5-400k\"""",
+    "cache_latents.py": """--vae-arch="f16d32" --vae-ckpt-path="pretrained/e2e-vavae/e2e-vavae-400k.pt"
+        --vae-latents-name="e2e-vavae" --pproc-batch-size=128""",
+    "train_ldm_only.py": """--max-train-steps=4000000 --report-to="wandb" --allow-tf32 --mixed-precision="fp16" --seed=0
+        --data-dir="data" --batch-size=256 --path-type="linear" --prediction="v" --weighting="uniform"
+        --model="SiT-XL/1" --checkpointing-steps=50000 --vae="f16d32"
+        --vae-ckpt="pretrained/e2e-vavae/e2e-vavae-400k.pt" --vae-latents-name="e2e-vavae" --learning-rate=1e-4
+        --enc-type="dinov2-vit-b" --proj-coeff=0.5 --encoder-depth=8 --output-dir="exps"
+        --exp-name="sit-xl-1-dinov2-b-enc8-ldm-only-e2e-vavae-0.5-4m\"""",
+    "generate.py": """--num-fid-samples 50000 --path-type linear --mode sde --num-steps 250 --cfg-scale 1.0
+        --guidance-high 1.0 --guidance-low 0.0 --exp-path pretrained/sit-ldm-e2e-vavae --train-steps 4000000""",
+}
+OUR_SCRIPTS = {"train_repae.py": "repae.py", "cache_latents.py": "repae.py --cache-latents",
+               "train_ldm_only.py": "repae.py", "generate.py": "sample.py"}
+
+
+def test_the_released_commands_run_with_only_the_script_changed(tmp_path, monkeypatch, capsys):
+    """Each released command, launcher and script name aside, plus --smoke for training models of toy size (it changes
+    no flag the command gives): train REPA-E, cache the latents of an E2E-VAE, train a SiT on them, generate."""
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    argv = lambda name: OUR_SCRIPTS[name].split()[1:] + shlex.split(RELEASED_COMMANDS[name]) + \
+        ["--smoke"] * (name != "generate.py")              # sample.py takes the model sizes from the checkpoint
+    make_images(tmp_path / "data", 2, 128)                    # --batch-size=256
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/l1_lpips_kl_gan.yaml").write_text(RELEASED_LOSS_CFG)
+    for name, vae in (("sdvae/sdvae-f8d4", "f8d4"), ("e2e-vavae/e2e-vavae-400k", "f16d32")):
+        os.makedirs(tmp_path / "pretrained" / os.path.dirname(name))
+        model = repae.build_vae(smoke_args("--vae", vae))     # as downloaded, at smoke size
+        torch.save(model.state_dict(), tmp_path / f"pretrained/{name}.pt")
+        torch.save(dict(latents_scale=torch.ones(1, model.z_channels, 1, 1),
+                        latents_bias=torch.zeros(1, model.z_channels, 1, 1)), tmp_path / f"pretrained/{name}-latents-stats.pt")
+    torch.save(repae.NLayerDiscriminator().state_dict(), tmp_path / "pretrained/sdvae/sdvae-f8d4-discriminator-ckpt.pt")
+    handlers, step, calls = signal.getsignal(signal.SIGTERM), repae.repae_step, []
+
+    def preempted_at_step_2(*a, **k):                       # both runs would take days: a scheduler stops them
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(*a, **k)
+    monkeypatch.setattr(repae, "repae_step", preempted_at_step_2)
+    try:
+        repae.main(repae.parse_args(argv("train_repae.py")))
+        assert os.listdir("exps/sit-xl-dinov2-b-enc8-repae-sdvae-0.5-1.5-400k/checkpoints") == ["0000002.pt"]
+        repae.cache_latents(repae.parse_args(argv("cache_latents.py")))
+        assert np.load("data/e2e-vavae.npy", mmap_mode="r").shape == (256, 64, 4, 4)
+        calls.clear()
+        repae.main(repae.parse_args(argv("train_ldm_only.py")))
+    finally:
+        signal.signal(signal.SIGTERM, handlers)
+    run = tmp_path / "exps/sit-xl-1-dinov2-b-enc8-ldm-only-e2e-vavae-0.5-4m"
+    ckpt = load_ckpt(run / "checkpoints/0000002.pt")
+    assert ckpt["args"].freeze_vae and "discriminator" not in ckpt and "--report-to, --logging-dir and --wandb-history-path are accepted" in capsys.readouterr().err
+    os.makedirs("pretrained/sit-ldm-e2e-vavae/checkpoints")
+    shutil.copy(run / "checkpoints/0000002.pt", "pretrained/sit-ldm-e2e-vavae/checkpoints/4000000.pt")
+    generate, batches = sample.generate, []
+
+    class Enough(Exception):
+        pass
+
+    def first_batch_only(*a):                               # 50,000 samples: the first batch of 128 is enough
+        if batches:
+            raise Enough
+        batches.append(1)
+        return generate(*a)
+    monkeypatch.setattr(sample, "generate", first_batch_only)
+    with pytest.raises(Enough):
+        sample.main(sample.parse_args(argv("generate.py")))
+    (folder,) = os.listdir("samples")
+    assert folder == "sit-ldm-e2e-vavae-4000000-sde250-cfg1.0-0.0-1.0-seed0-n50000"
+    assert len([f for f in os.listdir(f"samples/{folder}") if f.endswith(".png")]) == 128
 
 
 #################################################################################
