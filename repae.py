@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -549,10 +550,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def dinov2_timm_name(enc_type):
     """'dinov2-vit-b' -> vit_base_patch14_dinov2.lvd142m; 'dinov2-vit-b-reg' -> the reg4 variant."""
-    parts = enc_type.split("-")
-    if len(parts) not in (3, 4) or parts[:2] != ["dinov2", "vit"] or parts[2] not in DINOV2 or parts[3:] not in ([], ["reg"]):
+    match = re.fullmatch(r"dinov2-vit-([sblg])(-reg)?", enc_type)
+    if not match:
         fail(f"--enc-type '{enc_type}' is not one of dinov2-vit-{{s,b,l,g}} or dinov2-vit-{{s,b,l,g}}-reg")
-    return f"vit_{DINOV2[parts[2]]}_patch14{'_reg4' if parts[3:] else ''}_dinov2.lvd142m"
+    return f"vit_{DINOV2[match[1]]}_patch14{'_reg4' if match[2] else ''}_dinov2.lvd142m"
 
 
 def load_encoder(enc_type, resolution, ckpt=None, random_weights=False, **overrides):
@@ -601,8 +602,8 @@ def interpolant(t, path_type):
     """(alpha_t, sigma_t, d alpha_t/dt, d sigma_t/dt) for the linear (default) or cosine path."""
     if path_type == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    half_pi = math.pi / 2
-    return torch.cos(half_pi * t), torch.sin(half_pi * t), -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t)
+    a = math.pi / 2
+    return torch.cos(a * t), torch.sin(a * t), -a * torch.sin(a * t), a * torch.cos(a * t)
 
 
 def sample_t(n, weighting, path_type, device):
@@ -853,7 +854,8 @@ def build(args, device):
     if args.freeze_vae:
         m.vae.eval().requires_grad_(False)
     else:
-        m.lpips, m.disc = load_lpips(args.vgg_ckpt, args.lpips_ckpt, args.random_weights).to(device), NLayerDiscriminator()
+        m.lpips = load_lpips(args.vgg_ckpt, args.lpips_ckpt, args.random_weights).to(device)
+        m.disc = NLayerDiscriminator()
         if args.disc_pretrained_ckpt:
             load_state(m.disc, load_file(args.disc_pretrained_ckpt, "--disc-pretrained-ckpt"),
                        "--disc-pretrained-ckpt", "--disc-pretrained-ckpt")
@@ -951,7 +953,8 @@ class SmokeImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         y, g = i % self.num_classes, torch.Generator().manual_seed(i)
-        color = 0.5 + 0.5 * torch.cos(torch.tensor(y / self.num_classes * 2 * math.pi) - torch.tensor([0, 2.094, -2.094]))
+        hue = torch.tensor(y / self.num_classes * 2 * math.pi)
+        color = 0.5 + 0.5 * torch.cos(hue - torch.tensor([0, 2.094, -2.094]))
         cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([0.5, 0.5, 0.2]) + torch.tensor([0.25, 0.25, 0.15])) \
             * self.size
         yy, xx = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
@@ -981,7 +984,7 @@ def build_dataset(args):
     if cache:
         check_latent_cache(ds, args)
     if args.max_images:                                     # a spread-out subset that keeps every class
-        ds = torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, min(args.max_images, len(ds))).astype(int).tolist())
+        ds = torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, min(args.max_images, len(ds))).astype(int))
     if len(ds) < args.batch_size * args.gradient_accumulation_steps and not args.cache_latents:
         fail(f"the data has {len(ds)} images, fewer than one update (--batch-size {args.batch_size} x "
              f"--gradient-accumulation-steps {args.gradient_accumulation_steps})")
@@ -1009,7 +1012,7 @@ def check_latent_cache(ds, args):
              f"{'/'.join(k for k in now if made.get(k) != now[k])} ({made}); write a new one with --cache-latents "
              f"and another --vae-latents-name")
     if not np.load(ds.cache + ".done.npy").all():
-        fail(f"the latent cache '{ds.cache}.npy' is incomplete; run the same --cache-latents command again to finish it")
+        fail(f"the latent cache '{ds.cache}.npy' is incomplete; run the same --cache-latents command again to end it")
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -1038,7 +1041,8 @@ def data_loader(ds, args, dist_env):
 # A small gloo group carries control messages (stop flags, RNG states) without device syncs.
 
 def init_distributed(deterministic=False):
-    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    env = lambda name, default: int(os.environ.get(name, default))     # set by torchrun
+    world, rank, local_rank = env("WORLD_SIZE", 1), env("RANK", 0), env("LOCAL_RANK", 0)
     cuda, procs, gpus = torch.cuda.is_available(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
     if cuda and procs > gpus:
         fail(f"{procs} processes on this machine but {gpus} visible GPU(s): start one process per GPU "
@@ -1186,7 +1190,8 @@ def write_previews(m, x, step, sample_dir, noise, labels):
     save_grid(m.vae.decode(z_n.float() / scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)), int(math.sqrt(len(noise))),
               f"{sample_dir}/{step:07d}-samples.png")
     x_vae = x[:8].float() / 127.5 - 1
-    save_grid(torch.cat([x_vae, m.vae.decode(m.vae.encode(x_vae).mode())]), len(x_vae), f"{sample_dir}/{step:07d}-recon.png")
+    recon = m.vae.decode(m.vae.encode(x_vae).mode())
+    save_grid(torch.cat([x_vae, recon]), len(x_vae), f"{sample_dir}/{step:07d}-recon.png")
 
 
 class Monitor:
@@ -1406,7 +1411,8 @@ def cache_latents(args):
         done[b] = 1                                         # flagged only once its rows are on disk
         done.flush()
         if dist_env.is_main and (k % 50 == 0 or k == len(todo)):
-            print(f"cached {k}/{len(todo)} batches of this process, {k * B / (time.time() - t0):.1f} images/s", flush=True)
+            print(f"cached {k}/{len(todo)} batches of this process, {k * B / (time.time() - t0):.1f} images/s",
+                  flush=True)
     if dist_env.world > 1:
         dist.barrier(group=dist_env.ctrl)
         dist.destroy_process_group()
@@ -1512,7 +1518,7 @@ RELEASED_LOSS_CFG = dict(quantize_mode="vae", discriminator_start=0, discriminat
 def check_loss_cfg(path):
     """--loss-cfg-path is accepted when it is the released config (its leaf `key: value` lines), refused otherwise."""
     if not os.path.isfile(path):
-        fail(f"--loss-cfg-path '{path}' does not exist; drop the flag, the released L1 + LPIPS + KL + GAN loss is built in")
+        fail(f"--loss-cfg-path '{path}' does not exist; drop the flag, the released L1 + LPIPS + KL + GAN is built in")
     for line in open(path):
         key, _, value = (part.strip().strip("'\"") for part in line.split("#")[0].partition(":"))
         number = value.replace(".", "", 1).replace("e-", "", 1).isdigit()
@@ -1531,7 +1537,7 @@ def parse_args(argv=None):
     a("--num-classes", type=at_least(1), default=1000)
     a("--model", default="SiT-XL/2", choices=list(SiT_models))
     a("--vae", "--vae-arch", default="f8d4", choices=list(vae_models))
-    a("--vae-ckpt", "--vae-ckpt-path", help="VAE weights, official layout; default for f8d4: pretrained/sdvae/sdvae-f8d4.pt")
+    a("--vae-ckpt", "--vae-ckpt-path", help="VAE weights; f8d4 default: pretrained/sdvae/sdvae-f8d4.pt")
     a("--latents-stats", help="latent statistics; default: <vae-ckpt>-latents-stats.pt")
     a("--disc-pretrained-ckpt", "--disc-ckpt", help="discriminator weights; random init if absent")
     a("--vgg-ckpt", help="torchvision VGG16 weights for LPIPS; default: downloaded once")
@@ -1601,7 +1607,7 @@ def check_args(args, p):
             p.error(f"--vae {args.vae} needs its weights: pass --vae-ckpt (e.g. pretrained/vavae/vavae-f16d32.pt)")
         args.vae_ckpt = "pretrained/sdvae/sdvae-f8d4.pt"
     if args.vae_latents_name and not args.cache_latents and not args.freeze_vae:
-        say("note", "--vae-latents-name trains on cached latents of a frozen VAE, so the VAE stays frozen (--freeze-vae)")
+        say("note", "--vae-latents-name trains on the cached latents of a frozen VAE: it stays frozen (--freeze-vae)")
         args.freeze_vae = True
     world, n_enc = int(os.environ.get("WORLD_SIZE", 1)), len(args.enc_type.split(","))   # WORLD_SIZE: torchrun
     refusals = [
@@ -1611,8 +1617,10 @@ def check_args(args, p):
                                                        "cannot guide the VAE; use it with --freeze-vae (vanilla SiT)"),
         (not args.fused_attn, "--no-fused-attn selects timm's unfused attention, which computes the same values; this "
                               "implementation always uses scaled_dot_product_attention, drop the flag"),
-        (args.batch_size % world, f"--batch-size {args.batch_size} is global and not divisible by the {world} processes"),
-        (args.resolution % 32, f"--resolution {args.resolution} must be a multiple of 32 (VAE x SiT patch x DINOv2 grid)"),
+        (args.batch_size % world, f"--batch-size {args.batch_size} is global and not divisible by the {world} "
+                                  f"processes"),
+        (args.resolution % 32, f"--resolution {args.resolution} must be a multiple of 32 (VAE x SiT patch x DINOv2 "
+                               f"grid)"),
         (args.enc_ckpt and len(args.enc_ckpt.split(",")) != n_enc, f"--enc-ckpt must name one file per --enc-type "
                                                                    f"encoder ({n_enc})"),
         (args.resume and args.resume_step, "--resume and --resume-step both name the checkpoint to continue from; "

@@ -47,7 +47,8 @@ def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidan
     """Euler-Maruyama on linspace(1, 0.04, N) then 0, diffusion w(t) = 2t, drift v - w/2 * score;
     the last step to 0 takes the mean (no noise). Noise is drawn before each model call, in float64,
     with randn_like as the reference, or from one CPU generator per sample when `generators` is given."""
-    t_steps = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    f64 = torch.float64
+    t_steps = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=f64), torch.zeros(1, dtype=f64)])
     x = noise.to(torch.float64)
     cfg = dict(cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1].tolist(), t_steps[1:].tolist())):

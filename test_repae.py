@@ -629,6 +629,18 @@ def test_real_weights_path_end_to_end(tmp_path, published):
     assert {"IS", "Precision", "Recall"} <= {line.split(":")[0] for line in r.stdout.splitlines()}
 
 
+def test_resume_step_epochs_and_qk_norm_keep_their_released_meaning(tmp_path):
+    run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2", "--max-images", "16")
+    other = train(tmp_path / "b", "--resume-step", "2", "--continue-train-exp-dir", str(run), "--max-train-steps", "3",
+                  "--max-images", "16")                       # continues checkpoints/0000002.pt in a new run folder
+    assert f"resumed from {run}/checkpoints/0000002.pt at step 2" in (other / "log.txt").read_text()
+    assert sorted(os.listdir(other / "checkpoints")) == ["0000003.pt"]
+    one_epoch = train(tmp_path / "c", "--epochs", "1", "--max-train-steps", "10", "--max-images", "16")
+    assert sorted(os.listdir(one_epoch / "checkpoints")) == ["0000002.pt"]     # 16 images, batch 8: 2 steps
+    sit = repae.build_sit(smoke_args("--qk-norm"), [16], repae.build_vae(smoke_args()))
+    assert sit.state_dict()["blocks.0.attn.q_norm.weight"].shape == (32,)        # timm's keys: a LayerNorm per head dim
+
+
 def test_released_training_checkpoint_resumes_and_samples(tmp_path, capsys):
     """A checkpoint in the released train_repae.py layout (no RNG states, its own args Namespace) continues
     training here (not bitwise: the RNG streams are new) and samples."""
@@ -1116,14 +1128,17 @@ def readme_commands():
                         yield w, words[i + 1:]
 
 
-def test_readme_commands_match_the_argument_parsers(monkeypatch):
+def test_readme_commands_match_the_argument_parsers(monkeypatch, tmp_path):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.chdir(tmp_path)                             # where the released commands find the released config
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/l1_lpips_kl_gan.yaml").write_text(RELEASED_LOSS_CFG)
     parsers = {"repae.py": repae.parse_args, "sample.py": sample.parse_args, "fid.py": fid.parse_args}
     seen = {name: 0 for name in parsers}
     for script, argv in readme_commands():
         parsers[script](argv)                               # exits with the parser's message on a bad flag
         seen[script] += 1
-    assert seen["repae.py"] >= 10 and seen["sample.py"] >= 3 and seen["fid.py"] >= 1
+    assert seen["repae.py"] >= 13 and seen["sample.py"] >= 4 and seen["fid.py"] >= 1
 
 
 def test_readme_line_anchors_point_at_their_code():
