@@ -1,7 +1,8 @@
 """
-Inception metrics (FID, sFID, IS, precision/recall) that reproduce the standard evaluators:
-pytorch-fid's port of the 2015 TensorFlow Inception graph, with the metric definitions of
-the ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py).
+Inception metrics (FID, sFID, IS, precision/recall) as the ADM evaluator computes them
+(openai/guided-diffusion, evaluations/evaluator.py, TensorFlow, on the 2015 Inception graph), with
+pytorch-fid's PyTorch port of that graph: the graph's own preprocessing, IS over chunks of 5000
+samples, and precision/recall from float16 distance blocks.
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz
     python fid.py samples_dir/ ref.npz --metrics fid,is --json --save-stats samples_stats.npz
@@ -67,6 +68,35 @@ class FIDInceptionE(InceptionE):
         return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pool)], 1)
 
 
+def _tf1_resize_matrix(n_in, n_out):
+    """(n_out, n_in) weights of TF1's ResizeBilinear along one axis."""
+    # The 2015 graph's ResizeBilinear predates half_pixel_centers: source = destination * (in / out), both
+    # in float32, no half-pixel offset; the neighbours floor(source) and floor(source) + 1, the latter
+    # clamped at the last row/column, weigh 1 - frac and frac.
+    scale = float(np.float32(n_in) / np.float32(n_out))  # float32 division, as TF computes the scale
+    src = torch.arange(n_out, dtype=torch.float32) * scale
+    lo = src.floor().long()
+    frac, rows = src - lo, torch.arange(n_out)
+    m = torch.zeros(n_out, n_in)
+    m.index_put_((rows, lo), 1 - frac, accumulate=True)
+    m.index_put_((rows, (lo + 1).clamp_max(n_in - 1)), frac, accumulate=True)  # clamped: both weigh the last row
+    return m
+
+
+def tf1_resize_bilinear(x, size):
+    """(N, C, H, W) float -> (N, C, size, size) as TF1's ResizeBilinear, up to float32 rounding."""
+    # Two small matmuls: about 2% of Inception's FLOPs at 256px, and fast on a GPU, unlike gathers.
+    rows, cols = (_tf1_resize_matrix(n, size).to(x.device) for n in x.shape[2:])
+    return rows @ x @ cols.T
+
+
+def preprocess(images):
+    """uint8 (N, H, W, 3) -> the graph's input: ResizeBilinear to 299x299 of [0, 255] floats, then (x - 128) / 128."""
+    # pytorch-fid instead resizes with F.interpolate (half-pixel centres) and scales with 2x/255 - 1:
+    # close, but not what the ADM evaluator's graph computes.
+    return (tf1_resize_bilinear(images.permute(0, 3, 1, 2).float(), 299) - 128) / 128
+
+
 class InceptionFID(Inception3):
     """uint8 NHWC images -> (pool features N x 2048, sFID spatial features N x 2023, logits N x 1008)."""
 
@@ -78,10 +108,7 @@ class InceptionFID(Inception3):
     def forward(self, images):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}.")
-        # Same preprocessing as pytorch-fid: [0,1], bilinear resize to 299, then [-1,1].
-        x = images.permute(0, 3, 1, 2).float() / 255
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        x = preprocess(images)
         for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
                      "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
                      "Mixed_6b", "Mixed_6c", "Mixed_6d"):
@@ -198,6 +225,15 @@ def extract_features(model, images, batch_size, device, name):
     return np.concatenate(pools), np.concatenate(spatials), np.concatenate(logits)
 
 
+def derive_statistics(pool, spatial, logits, keys):
+    """The statistics named in keys, from Inception features: mean/covariance, raw pool features, softmax."""
+    # float64 means and softmax where ADM has float32 ones: FID and IS move by ~1e-6 relative at most.
+    derive = {"mu": lambda: pool.mean(0, dtype=np.float64), "sigma": lambda: np.cov(pool, rowvar=False),
+              "mu_s": lambda: spatial.mean(0, dtype=np.float64), "sigma_s": lambda: np.cov(spatial, rowvar=False),
+              "pool": lambda: pool, "probs": lambda: scipy.special.softmax(logits.astype(np.float64), axis=1)}
+    return {k: derive[k]() for k in dict.fromkeys(keys)}
+
+
 def resolve_side(path, stats, images, need, get_features):
     # Precomputed statistics win (ADM's reference mu/sigma); the rest comes from the images.
     missing = [k for k in dict.fromkeys(need) if k not in stats]
@@ -206,17 +242,13 @@ def resolve_side(path, stats, images, need, get_features):
     if images is None:
         raise ValueError(f"{path} has no images (arr_0) to compute {', '.join(missing)} from; statistics files "
                          "serve FID (mu, sigma), sFID (mu_s, sigma_s) and precision/recall (pool), IS needs images.")
-    pool, spatial, logits = get_features(images, path)
-    derive = {"mu": lambda: pool.mean(0, dtype=np.float64), "sigma": lambda: np.cov(pool, rowvar=False),
-              "mu_s": lambda: spatial.mean(0, dtype=np.float64), "sigma_s": lambda: np.cov(spatial, rowvar=False),
-              "pool": lambda: pool, "probs": lambda: scipy.special.softmax(logits.astype(np.float64), axis=1)}
-    return {**stats, **{k: derive[k]() for k in missing}}
+    return {**stats, **derive_statistics(*get_features(images, path), missing)}
 
 #################################################################################
 #                                 Metrics                                       #
 #################################################################################
-# FID/sFID, IS and k-NN precision/recall exactly as defined by the ADM evaluator, computed
-# in float64 (Frechet, IS) and in chunked torch matmuls (precision/recall).
+# FID/sFID, IS and k-NN precision/recall as the ADM evaluator computes them: Frechet distance and IS
+# in float64, pairwise distances in float16 blocks of 10000 x 10000 (torch, on the chosen device).
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), in float64."""
@@ -236,47 +268,83 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(probs, splits=10):
-    """Mean over splits of exp(E_x KL(p(y|x) || p(y))); probs are softmax outputs, one row per image."""
-    # ADM splits its 50k samples into chunks of 5000, i.e. 10 splits; rel_entr makes 0*log(0) = 0.
+def inception_score(probs, split_size=5000):
+    """Mean over consecutive chunks of split_size samples of exp(E_x KL(p(y|x) || p(y)))."""
+    # ADM's compute_inception_score(split_size=5000): chunks of 5000 in sample order, the last one
+    # shorter, so 10 equal splits only at N = 50,000. rel_entr makes 0*log(0) = 0 (ADM, in float32,
+    # would give nan if a probability underflowed to 0).
     probs = np.asarray(probs, dtype=np.float64)
     scores = [np.exp(scipy.special.rel_entr(part, part.mean(0, keepdims=True)).sum(1).mean())
-              for part in np.array_split(probs, min(splits, len(probs)))]
+              for part in (probs[i:i + split_size] for i in range(0, len(probs), split_size))]
     return float(np.mean(scores))
 
 
-def _sq_dists(a, b):
-    return (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)).clamp_min_(0)
+def _to_fp16_(t):
+    # Round in place to the nearest float16 and keep computing in float32: float32 has more than
+    # 2 * 11 + 2 bits, so one float32 operation then this rounding equals the float16 operation.
+    return t.copy_(t.half())
+
+
+def _distance_block(u, v):
+    """Squared distances of rows of u to rows of v as ADM's DistanceBlock computes them."""
+    # ADM casts the features to float16 and computes max(|u|^2 - 2 u.v + |v|^2, 0) in float16, every
+    # operation rounded to float16 (the matmul accumulates in float32 on a GPU; TF's float16 reduce_sum
+    # accumulates in float16 in CUB's order, which cannot be reproduced exactly: we accumulate in float32).
+    # If any entry of the block is not finite, ADM recomputes the whole block in float32.
+    u16, v16 = _to_fp16_(u.clone()), _to_fp16_(v.clone())
+    norm_u = _to_fp16_(_to_fp16_(u16.square()).sum(1, keepdim=True))
+    norm_v = _to_fp16_(_to_fp16_(v16.square()).sum(1))
+    d = _to_fp16_(u16 @ v16.T)
+    d = _to_fp16_(_to_fp16_(_to_fp16_(d.mul_(-2)).add_(norm_u)).add_(norm_v)).clamp_min_(0)  # -2uv overflows as ADM's
+    if torch.isfinite(d).all():
+        return d
+    return (u.square().sum(1, keepdim=True) - 2 * u @ v.T + v.square().sum(1)).clamp_min_(0)
 
 
 def _knn_radii(x, k, chunk):
-    # Distance to the k-th neighbour excluding self = (k+1)-th smallest including the zero to self;
-    # keeping each column chunk's k+1 smallest bounds memory to chunk x chunk.
+    # ADM's radius is the (k+1)-th smallest distance of a row including the one to itself (index k of
+    # the partition), taken from the float16 blocks; keeping each block's k+1 smallest bounds memory.
     radii = []
     for i in range(0, len(x), chunk):
-        best = [d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
-                for d in (_sq_dists(x[i:i + chunk], x[j:j + chunk]) for j in range(0, len(x), chunk))]
+        best = []
+        for j in range(0, len(x), chunk):
+            d = _distance_block(x[i:i + chunk], x[j:j + chunk])
+            best.append(d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values)
         radii.append(torch.cat(best, 1).kthvalue(k + 1, dim=1).values)
     return torch.cat(radii)
 
 
-def _fraction_inside(x, centers, radii, chunk):
-    inside = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for i in range(0, len(x), chunk):
-        for j in range(0, len(centers), chunk):
-            d = _sq_dists(x[i:i + chunk], centers[j:j + chunk])
-            inside[i:i + chunk] |= (d <= radii[j:j + chunk]).any(1)
-    return inside.double().mean().item()
-
-
 def precision_recall(real_feats, fake_feats, k=3, device="cpu", chunk=10000):
     """Kynkaanniemi et al. 2019: precision = share of fakes inside some real k-NN ball, recall vice versa."""
+    # chunk = ADM's row/column batch size, so that the float32 fallback covers the same blocks. As in
+    # ADM's evaluate_pr, one block of real (rows) x fake (columns) distances serves both directions,
+    # and a point inside a ball means distance <= radius.
     real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (real_feats, fake_feats))
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} images per side.")
-    precision = _fraction_inside(fake, real, _knn_radii(real, k, chunk), chunk)
-    recall = _fraction_inside(real, fake, _knn_radii(fake, k, chunk), chunk)
-    return precision, recall
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per side.")
+    r_real, r_fake = _knn_radii(real, k, chunk), _knn_radii(fake, k, chunk)
+    real_in = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=real.device)
+    for i in range(0, len(real), chunk):
+        for j in range(0, len(fake), chunk):
+            d = _distance_block(real[i:i + chunk], fake[j:j + chunk])
+            real_in[i:i + chunk] |= (d <= r_fake[j:j + chunk]).any(1)
+            fake_in[j:j + chunk] |= (d <= r_real[i:i + chunk, None]).any(0)
+    return fake_in.double().mean().item(), real_in.double().mean().item()
+
+
+def compute_metrics(metrics, samples, ref, device="cpu"):
+    """Results by display name from the two sides' statistics (as derive_statistics or a .npz gives them)."""
+    results = {}
+    if "fid" in metrics:
+        results["FID"] = frechet_distance(samples["mu"], samples["sigma"], ref["mu"], ref["sigma"])
+    if "sfid" in metrics:
+        results["sFID"] = frechet_distance(samples["mu_s"], samples["sigma_s"], ref["mu_s"], ref["sigma_s"])
+    if "is" in metrics:
+        results["IS"] = inception_score(samples["probs"])
+    if "pr" in metrics:
+        results["Precision"], results["Recall"] = precision_recall(ref["pool"], samples["pool"], device=device)
+    return results
 
 #################################################################################
 #                                    CLI                                        #
@@ -307,16 +375,7 @@ def run(args):
     if args.save_stats:
         np.savez(args.save_stats, **{k: samples[k] for k in STAT_KEYS})
 
-    results = {}
-    if "fid" in metrics:
-        results["FID"] = frechet_distance(samples["mu"], samples["sigma"], ref["mu"], ref["sigma"])
-    if "sfid" in metrics:
-        results["sFID"] = frechet_distance(samples["mu_s"], samples["sigma_s"], ref["mu_s"], ref["sigma_s"])
-    if "is" in metrics:
-        results["IS"] = inception_score(samples["probs"])
-    if "pr" in metrics:
-        results["Precision"], results["Recall"] = precision_recall(ref["pool"], samples["pool"], device=args.device)
-    return results
+    return compute_metrics(metrics, samples, ref, args.device)
 
 
 def parse_args(argv=None):

@@ -912,8 +912,8 @@ def test_fid_inception_score_one_for_identical_predictions():
 
 def test_fid_inception_score_k_for_k_confident_equally_likely_classes():
     k = 7
-    probs = np.tile(np.eye(k), (10, 1))  # every split of 7 rows holds each class once
-    assert fid.inception_score(probs, splits=10) == pytest.approx(k, rel=1e-12)
+    probs = np.tile(np.eye(k), (10, 1))  # every chunk of 7 rows holds each class once
+    assert fid.inception_score(probs, split_size=k) == pytest.approx(k, rel=1e-12)
 
 # ---------------------------------------------------------------- precision / recall
 
@@ -927,18 +927,6 @@ def test_fid_precision_recall_fall_for_disjoint_sets():
     real, fake = rng.standard_normal((40, 16)), rng.standard_normal((30, 16)) + 100
     assert fid.precision_recall(real, fake, k=3) == (0.0, 0.0)
 
-
-def test_fid_precision_recall_chunking_matches_brute_force():
-    rng = np.random.default_rng(6)
-    real, fake = rng.standard_normal((37, 5)), rng.standard_normal((29, 5)) + 0.5
-    d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)
-    r_real, r_fake = np.sort(d(real, real), 1)[:, 3], np.sort(d(fake, fake), 1)[:, 3]
-    precision = (d(fake, real) <= r_real[None]).any(1).mean()
-    recall = (d(real, fake) <= r_fake[None]).any(1).mean()
-    assert 0 < precision < 1 and 0 < recall < 1
-    for chunk in (2, 7, 10000):
-        got = fid.precision_recall(real, fake, k=3, chunk=chunk)
-        assert got == pytest.approx((precision, recall), abs=1e-12)
 
 # ---------------------------------------------------------------- Inception network
 
@@ -1083,3 +1071,124 @@ def test_fid_cli_missing_weights_fails_fast_naming_the_flag(tmp_path, monkeypatc
     assert time.perf_counter() - t0 < 10
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--inception-ckpt" in err and "Traceback" not in err
+
+# ---------------------------------------------------------------- the ADM evaluator's behaviour
+
+def _fid_tf1_resize_loops(img, out_h, out_w):
+    """TF1 ResizeBilinear (align_corners=False, half_pixel_centers=False) by explicit index arithmetic, float32."""
+    def taps(n_in, n_out):
+        scale = np.float32(n_in) / np.float32(n_out)
+        for i in range(n_out):
+            src = np.float32(i) * scale  # no half-pixel offset
+            lo = int(np.floor(src))
+            yield lo, min(lo + 1, n_in - 1), np.float32(src - np.float32(lo))
+    out = np.zeros((out_h, out_w, img.shape[2]), np.float32)
+    cols = list(taps(img.shape[1], out_w))
+    for y, (y0, y1, wy) in enumerate(taps(img.shape[0], out_h)):
+        for x, (x0, x1, wx) in enumerate(cols):
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * wx
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * wx
+            out[y, x] = top + (bottom - top) * wy
+    return out
+
+
+def test_fid_preprocessing_is_tf1_resize_bilinear_then_x_minus_128_over_128():
+    img = np.random.default_rng(7).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    for size in (3, 11):  # down and up, from a non-square image
+        got = fid.tf1_resize_bilinear(x, size)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(got, _fid_tf1_resize_loops(img.astype(np.float32), size, size), rtol=0, atol=1e-4)
+    expected = (_fid_tf1_resize_loops(img.astype(np.float32), 299, 299) - 128) / 128
+    got = fid.preprocess(torch.from_numpy(img)[None])[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    # pytorch-fid's preprocessing (half-pixel centres, 2x/255 - 1) is measurably another one.
+    pytorch_fid = torch.nn.functional.interpolate(x / 255, size=(299, 299), mode="bilinear") * 2 - 1
+    assert np.abs(pytorch_fid[0].permute(1, 2, 0).numpy() - expected).max() > 0.1
+    # and the network's first convolution sees exactly preprocess(images)
+    seen, net = [], _fid_random_net()
+    hook = net.Conv2d_1a_3x3.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.inference_mode():
+        net(torch.from_numpy(img)[None])
+    hook.remove()
+    assert torch.equal(seen[0], fid.preprocess(torch.from_numpy(img)[None]))
+
+
+def test_fid_inception_score_uses_consecutive_chunks_of_5000():
+    def adm_inception_score(probs):  # chunks of 5000 in sample order, the last one shorter
+        scores = []
+        for start in range(0, len(probs), 5000):
+            part = probs[start:start + 5000]
+            kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+            scores.append(np.exp(kl.sum(1).mean()))
+        return np.mean(scores)
+
+    def ten_equal_splits(probs):
+        return np.mean([np.exp((p * (np.log(p) - np.log(p.mean(0)))).sum(1).mean()) for p in np.array_split(probs, 10)])
+    for n in (12000, 50000):
+        rng = np.random.default_rng(n)
+        # the preferred class drifts with the sample index, so where the chunks are cut matters
+        logits = 2 * rng.standard_normal((n, 10)) + np.linspace(0, 3, n)[:, None] * np.arange(10)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        got = fid.inception_score(probs)
+        assert got == pytest.approx(adm_inception_score(probs), rel=1e-12)
+        if n == 50000:  # the one count where ADM's chunks are 10 equal splits
+            assert got == pytest.approx(ten_equal_splits(probs), rel=1e-12)
+        else:
+            assert abs(got / ten_equal_splits(probs) - 1) > 1e-3  # 0.67% here
+
+
+def _fid_dists16(a, b):
+    """ADM's DistanceBlock in numpy float16: features cast to float16, every operation rounded to float16."""
+    a16, b16 = np.asarray(a).astype(np.float16), np.asarray(b).astype(np.float16)
+    uv = (a16.astype(np.float32) @ b16.astype(np.float32).T).astype(np.float16)  # GPU matmul: float32 accumulator
+    with np.errstate(over="ignore"):
+        return np.maximum(np.sum(a16 * a16, 1)[:, None] - 2 * uv + np.sum(b16 * b16, 1)[None], np.float16(0))
+
+
+def _fid_dists32(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None], np.float32(0))
+
+
+def _fid_pr_brute(real, fake, dists, k=3):
+    """(precision, recall): radius = (k+1)-th smallest distance including self, inside means <=."""
+    r_real, r_fake = np.sort(dists(real, real), 1)[:, k], np.sort(dists(fake, fake), 1)[:, k]
+    d = dists(real, fake)
+    return float((d <= r_real[:, None]).any(0).mean()), float((d <= r_fake[None]).any(1).mean())
+
+
+def test_fid_precision_decides_a_float16_boundary_case_as_adm_does():
+    # The real point at the origin has radius 64: its 4th smallest distance, self included, is 8^2.
+    # The fake point (-8, 1/8) lies 64 + 1/64 from it: outside in float32. In float16 its norm
+    # 64.015625 rounds to 64 (the spacing there is 1/16), and ADM's `<=` counts it inside.
+    real = np.array([[0, 0], [8, 0], [8, 0], [8, 0]], np.float32)
+    fake = np.array([[-8, 0.125], [100, 100], [100, 100], [100, 100]], np.float32)
+    float32 = _fid_pr_brute(real, fake, _fid_dists32)
+    float16 = _fid_pr_brute(real, fake, _fid_dists16)
+    assert float32[0] == 0 and float16[0] == 0.25
+    assert fid.precision_recall(real, fake, k=3) == float16
+
+
+def test_fid_precision_recall_chunking_matches_brute_force():
+    rng = np.random.default_rng(6)
+    # Multiples of 1/4 near 4: every float32 sum is exact, so any summation order gives the same float16
+    # roundings. The norms (~1000-2000, float16 spacing 1-2) dwarf the distances (~20), as pool features' do.
+    real, fake = 4 + rng.integers(0, 8, (37, 64)) / 4, 4.25 + rng.integers(0, 8, (29, 64)) / 4
+    float16 = _fid_pr_brute(real, fake, _fid_dists16)
+    assert 0 < float16[0] < 1 and 0 < float16[1] < 1 and float16 != _fid_pr_brute(real, fake, _fid_dists32)
+    for chunk in (3, 16, 10000):  # blocks smaller than k + 1 columns, uneven blocks, one block
+        assert fid.precision_recall(real, fake, k=3, chunk=chunk) == float16
+
+
+def test_fid_distance_block_overflow_behaves_as_adm():
+    # A float16 block with a non-finite entry (here a norm of 90000 > 65504) is recomputed in float32 ...
+    big, small = np.array([[300, 0], [0, 1]], np.float32), np.array([[1, 2], [3, 4]], np.float32)
+    assert not np.isfinite(_fid_dists16(big, small)).all()
+    assert np.array_equal(fid._distance_block(torch.from_numpy(big), torch.from_numpy(small)).numpy(),
+                          _fid_dists32(big, small))
+    # ... but when only -2 u.v overflows, the block is -inf there, clamped to 0 and kept: ADM then puts
+    # points 50 apart at distance 0, and so must we.
+    u, v = np.array([[181, 0]], np.float32), np.array([[181, 50]], np.float32)
+    assert _fid_dists16(u, v).item() == 0 and _fid_dists32(u, v).item() == 2500
+    assert fid._distance_block(torch.from_numpy(u), torch.from_numpy(v)).item() == 0
