@@ -927,7 +927,6 @@ def test_fid_precision_recall_fall_for_disjoint_sets():
     real, fake = rng.standard_normal((40, 16)), rng.standard_normal((30, 16)) + 100
     assert fid.precision_recall(real, fake, k=3) == (0.0, 0.0)
 
-
 # ---------------------------------------------------------------- Inception network
 
 def test_fid_state_dict_keys_match_pytorch_fid_layout():
@@ -955,9 +954,10 @@ def test_fid_features_shapes_determinism_and_sfid_layer():
 
 def test_fid_build_inception_loads_checkpoint_strictly(tmp_path, _fid_ckpt):
     net = fid.build_inception(str(_fid_ckpt))
-    assert not net.training and all(torch.equal(v, _fid_random_net().state_dict()[k]) for k, v in net.state_dict().items())
+    expected = _fid_random_net().state_dict()
+    assert not net.training and all(torch.equal(v, expected[k]) for k, v in net.state_dict().items())
     torch.save({"fc.weight": torch.zeros(1008, 2048), "extra": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(fid.InputError, match="does not hold the pytorch-fid Inception weights"):
         fid.build_inception(str(tmp_path / "bad.pth"))
     with pytest.raises(ValueError, match="does not exist"):
         fid.build_inception(str(tmp_path / "missing.pth"))
@@ -981,7 +981,7 @@ def test_fid_folder_and_npz_read_the_same_images(tmp_path):
     (np.zeros((4, 8, 8, 3), np.float32), "must be uint8"),
     (np.zeros((4, 8, 8), np.uint8), "shape"),
     (np.zeros((4, 8, 8, 4), np.uint8), "shape"),
-    (np.zeros((1, 8, 8, 3), np.uint8), "at least 2"),
+    (np.zeros((0, 8, 8, 3), np.uint8), "no images"),
 ])
 def test_fid_bad_npz_images(tmp_path, array, message):
     np.savez(tmp_path / "x.npz", arr_0=array)
@@ -993,11 +993,10 @@ def test_fid_bad_folders(tmp_path):
     empty, one, mixed = (tmp_path / n for n in ("empty", "one", "mixed"))
     for d in (empty, one, mixed):
         d.mkdir()
-    with pytest.raises(ValueError, match="0 png/jpg/jpeg/webp"):
+    with pytest.raises(ValueError, match="no png/jpg/jpeg/webp"):
         fid.load_side(str(empty))
     Image.fromarray(_fid_images(1)[0]).save(one / "a.png")
-    with pytest.raises(ValueError, match="at least 2"):
-        fid.load_side(str(one))
+    assert fid.load_side(str(one))[1][0] == 1  # enough for IS; the other metrics are decided by choose_metrics
     Image.fromarray(_fid_images(1, size=8)[0]).save(mixed / "a.png")
     Image.fromarray(_fid_images(1, size=16)[0]).save(mixed / "b.jpg")
     with pytest.raises(ValueError, match="differ in resolution"):
@@ -1014,9 +1013,10 @@ def test_fid_bad_paths_and_statistics_files(tmp_path):
     with pytest.raises(ValueError, match="mu without sigma"):
         fid.load_side(str(tmp_path / "half.npz"))
     np.savez(tmp_path / "fidonly.npz", mu=np.zeros(3), sigma=np.eye(3))
-    stats, images = fid.load_side(str(tmp_path / "fidonly.npz"))
-    with pytest.raises(ValueError, match="no images"):  # sFID asked of a file that only has FID stats
-        fid.resolve_side("fidonly.npz", stats, images, ["mu_s", "sigma_s"], get_features=None)
+    side = ("fidonly.npz", *fid.load_side(str(tmp_path / "fidonly.npz")))
+    with pytest.raises(ValueError, match="fidonly.npz has no images and no mu_s/sigma_s"):
+        fid.choose_metrics(["sfid"], [side, side])  # sFID asked of a file that only has FID stats
+    assert fid.choose_metrics(None, [side, side])[0] == ["fid"]
 
 
 def test_fid_main_reports_bad_input_in_one_line(tmp_path, capsys):
@@ -1033,19 +1033,26 @@ def test_fid_main_reports_bad_input_in_one_line(tmp_path, capsys):
 
 def test_fid_cli_end_to_end(tmp_path, capsys, monkeypatch, _fid_ckpt):
     stats = tmp_path / "stats.npz"
-    np.savez(tmp_path / "s.npz", arr_0=_fid_images(4, seed=1))
+    (tmp_path / "s").mkdir()
+    for i, im in enumerate(_fid_images(4, seed=1)):
+        Image.fromarray(im).save(tmp_path / "s" / f"{i:06d}.png")
     np.savez(tmp_path / "r.npz", arr_0=_fid_images(4, seed=2))
-    # The network run, as a real subprocess: IS and precision/recall. FID/sFID on 2048-d features
-    # cost ~1 min of sqrtm on 2 cores, so they are checked below on small precomputed statistics.
-    out = _fid_cli(str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--metrics", "is,pr", "--device", "cpu",
+    # The network run, as a real subprocess, on a PNG folder and an npz. No --metrics:
+    # 4 samples per side allow IS and precision/recall, not FID/sFID, which says so before the pass.
+    # FID/sFID on 2048-d features cost ~1 min of sqrtm on 2 cores: checked below on small statistics.
+    out = _fid_cli(str(tmp_path / "s"), str(tmp_path / "r.npz"), "--device", "cpu",
                    "--inception-ckpt", str(_fid_ckpt), "--batch-size", "3", "--save-stats", str(stats))
     assert out.returncode == 0, out.stderr
     lines = dict(line.split(": ") for line in out.stdout.strip().splitlines())
     assert list(lines) == ["IS", "Precision", "Recall"] and all(np.isfinite(float(v)) for v in lines.values())
-    assert "4/4 images" in out.stderr and "images/s" in out.stderr
-    with np.load(stats) as f:
-        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
-        assert f["mu_s"].shape == (2023,) and f["sigma_s"].shape == (2023, 2023) and f["pool"].shape == (4, 2048)
+    err = out.stderr.splitlines()
+    assert err[0].startswith("fid.py: skipping FID, sFID: FID needs more than 2048 samples per side")
+    assert "sFID needs more than 2023 samples per side" in err[0] and err[0].endswith("Computing IS, precision/recall.")
+    assert "images/s" in err[1] and "4/4 images" in out.stderr and "Traceback" not in out.stderr
+    assert err[-1] == ("fid.py: --save-stats left out mu, sigma, mu_s, sigma_s: 4 samples give rank-deficient "
+                       "covariances.")
+    with np.load(stats) as f:  # rank-deficient covariances are not saved as if they were statistics
+        assert f.files == ["pool"] and f["pool"].shape == (4, 2048)
     # Statistics files on both sides need no network; in-process to save the ~8 s of importing
     # torch and torchvision again.
     monkeypatch.setattr(fid, "build_inception", lambda ckpt: pytest.fail("the network was built"))
@@ -1067,7 +1074,7 @@ def test_fid_cli_missing_weights_fails_fast_naming_the_flag(tmp_path, monkeypatc
     monkeypatch.setattr(fid, "WEIGHTS_URL", "http://127.0.0.1:9/pt_inception.pth")
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as e:
-        fid.main(fid.parse_args([str(tmp_path / "s.npz"), str(tmp_path / "s.npz"), "--metrics", "is", "--device", "cpu"]))
+        fid.main(fid.parse_args([str(tmp_path / "s.npz")] * 2 + ["--metrics", "is", "--device", "cpu"]))
     assert time.perf_counter() - t0 < 10
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--inception-ckpt" in err and "Traceback" not in err
@@ -1192,3 +1199,102 @@ def test_fid_distance_block_overflow_behaves_as_adm():
     u, v = np.array([[181, 0]], np.float32), np.array([[181, 50]], np.float32)
     assert _fid_dists16(u, v).item() == 0 and _fid_dists32(u, v).item() == 2500
     assert fid._distance_block(torch.from_numpy(u), torch.from_numpy(v)).item() == 0
+
+
+def test_fid_sample_count_thresholds_follow_the_covariance_rank():
+    # N samples in d dimensions give a covariance of rank min(N - 1, d): full rank needs N > d.
+    rng = np.random.default_rng(8)
+    assert [np.linalg.matrix_rank(np.cov(rng.standard_normal((n, 6)), rowvar=False)) for n in (6, 7)] == [5, 6]
+
+    def side(n, stats=None):
+        return f"{n}.npz", stats or {}, (n, None)
+
+    def pick(n, metrics=None, ref=None):
+        return fid.choose_metrics(metrics, [side(n), ref or side(n)])
+    assert pick(2048)[0] == ["sfid", "is", "pr"] and pick(2049) == (["fid", "sfid", "is", "pr"], None)
+    assert pick(2023)[0] == ["is", "pr"] and pick(2024)[0] == ["sfid", "is", "pr"]
+    assert pick(3)[0] == ["is"] and pick(4)[0] == ["is", "pr"] and pick(1)[0] == ["is"]
+    assert pick(2048)[1] == ("fid.py: skipping FID: FID needs more than 2048 samples per side (N samples give a "
+                             "covariance of rank N-1 at most), 2048.npz has 2048 images. Computing sFID, IS, "
+                             "precision/recall.")
+    with pytest.raises(fid.InputError, match=r"FID needs more than 2048 .*, 2048.npz has 2048 images; these "
+                                             r"inputs allow --metrics sfid,is,pr\.$"):
+        pick(2048, ["fid", "is"])
+    # precomputed mu/sigma (an ADM reference batch with 10 images) count as enough for their side
+    adm_ref = ("ref.npz", {k: np.zeros(1) for k in ("mu", "sigma", "mu_s", "sigma_s")}, (10, None))
+    assert pick(2049, ref=adm_ref)[0] == ["fid", "sfid", "is", "pr"] and pick(2048, ref=adm_ref)[0][0] == "sfid"
+    with pytest.raises(fid.InputError, match="IS needs at least 1 sample image, stats.npz has no images; "):
+        fid.choose_metrics(["is"], [("stats.npz", adm_ref[1], None), adm_ref])
+
+
+def test_fid_bad_counts_and_devices_are_one_line_from_the_parser(capsys):
+    for flags, message in ((["--batch-size", "-5"], "argument --batch-size: must be at least 1, got -5"),
+                           (["--batch-size", "x"], "argument --batch-size: invalid count value: 'x'"),
+                           (["--device", "foo"], "argument --device: 'foo' is not a torch device")):
+        with pytest.raises(SystemExit) as e:
+            fid.parse_args(["s.npz", "r.npz", *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err == f"fid.py: error: {message} (see fid.py --help)\n"
+
+# ---------------------------------------------------------------- bad input on the command line
+
+_FID_BAD_INPUT = {  # case: what its one line must say
+    "unknown_flag": ("unrecognized arguments: --foo (see fid.py --help)",),
+    "batch_size_zero": ("argument --batch-size: must be at least 1, got 0",),
+    "unknown_metric": ("argument --metrics: unknown metric(s) kid; choose from fid, sfid, is, pr",),
+    "corrupt_ckpt": ("junk.pth is not a readable PyTorch checkpoint (UnpicklingError)", "--inception-ckpt."),
+    "text_npz": ("samples.npz is not a valid .npz file",),
+    "npz_wrong_dtype": ("floats.npz: arr_0 must be uint8 images of shape (N, H, W, 3), got float32",),
+    "pickled_npz": ("pickled.npz: arr_0 holds Python objects",),
+    "stat_dims": ("a.npz gives 5-d mu, ", "b.npz 6-d", "same Inception features"),
+    "unreadable_png": ("b.png is not a readable image",),
+    "truncated_png": ("c.png cannot be decoded (image file is truncated",),
+    "too_few_for_fid": ("FID needs more than 2048 samples per side", "good.npz has 10 images",
+                        "these inputs allow --metrics is,pr."),
+    "save_stats_bad_folder": ("--save-stats ", "must be a .npz path in an existing folder",),
+}
+
+
+@pytest.fixture(scope="module")
+def _fid_bad_runs(tmp_path_factory, _fid_ckpt):
+    """Every bad-input case of the CLI as a subprocess, all started at once: each spends ~4 s importing torch."""
+    d = tmp_path_factory.mktemp("fid_bad")
+    good = d / "good.npz"
+    np.savez(good, arr_0=_fid_images(10, size=16))
+    (d / "samples.npz").write_text("not a zip archive")
+    (d / "junk.pth").write_text("not a checkpoint")
+    np.savez(d / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    np.savez(d / "pickled.npz", arr_0=np.array([{"a": 1}], dtype=object))
+    a, b = _fid_write_stats(d / "a.npz", 5, seed=0), _fid_write_stats(d / "b.npz", 6, seed=1)
+    for folder, broken in (("unreadable", "b.png"), ("truncated", "c.png")):
+        (d / folder).mkdir()
+        for i, im in enumerate(_fid_images(4, size=16)):
+            Image.fromarray(im).save(d / folder / f"{'abcd'[i]}.png")
+        data = (d / folder / broken).read_bytes()
+        (d / folder / broken).write_bytes(b"not an image" if folder == "unreadable" else data[:len(data) // 2])
+    argv = {"unknown_flag": [good, good, "--foo"], "batch_size_zero": [good, good, "--batch-size", "0"],
+            "unknown_metric": [good, good, "--metrics", "fid,kid"],
+            "corrupt_ckpt": [good, good, "--inception-ckpt", d / "junk.pth"],
+            "text_npz": [d / "samples.npz", good], "npz_wrong_dtype": [d / "floats.npz", good],
+            "pickled_npz": [d / "pickled.npz", good], "stat_dims": [a, b],
+            "unreadable_png": [d / "unreadable", good],
+            "truncated_png": [d / "truncated", good, "--metrics", "is", "--batch-size", "4"],
+            "too_few_for_fid": [good, good, "--metrics", "fid"],
+            "save_stats_bad_folder": [good, good, "--save-stats", d / "missing" / "s.npz"]}
+    runs = {}
+    for case, args in argv.items():
+        save = d / f"{case}_stats.npz"  # must not exist afterwards: a failed run leaves nothing behind
+        cmd = [sys.executable, os.path.join(HERE, "fid.py"), "--device", "cpu", "--inception-ckpt", str(_fid_ckpt),
+               "--save-stats", str(save), *map(str, args)]
+        runs[case] = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), save
+    return runs
+
+
+@pytest.mark.parametrize("case", list(_FID_BAD_INPUT))
+def test_fid_bad_input_is_one_line_and_exit_status_2(case, _fid_bad_runs):
+    proc, save = _fid_bad_runs[case]
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and out == "" and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("fid.py: error: "), err
+    assert all(fragment in err for fragment in _FID_BAD_INPUT[case]), err
+    assert not save.exists()
