@@ -172,7 +172,8 @@ def build_inception(ckpt=None):
 #################################################################################
 # A side is a .npz (ADM images in arr_0 and/or precomputed statistics) or a folder of images. Everything
 # that can be checked from headers is checked here, before any Inception pass. Images are streamed in
-# batches: 50k samples at 256px would be ~10 GB in memory at once.
+# batches by DataLoader workers (50k samples at 256px would be ~10 GB in memory at once), so that PNG
+# decoding runs in parallel with the network instead of starving a GPU.
 
 def _npz_headers(path):
     """{member name: (shape, dtype, offset of the data in the member, fortran order)} from the .npy headers."""
@@ -197,6 +198,21 @@ def _npz_headers(path):
     return headers
 
 
+class _NpzImages(torch.utils.data.IterableDataset):
+    """arr_0 of an ADM .npz, streamed from the zip member in batches."""
+
+    def __init__(self, path, shape, offset, batch_size):
+        self.path, self.shape, self.offset, self.batch_size = path, shape, offset, batch_size
+
+    def __iter__(self):
+        size = int(np.prod(self.shape[1:]))
+        with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
+            f.read(self.offset)  # skip the .npy header
+            for i in range(0, self.shape[0], self.batch_size):
+                n = min(self.batch_size, self.shape[0] - i)
+                yield torch.frombuffer(bytearray(f.read(n * size)), dtype=torch.uint8).view(n, *self.shape[1:]), ""
+
+
 def _npz_images(path, headers):
     shape, dtype, offset, fortran = headers["arr_0"]
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
@@ -204,22 +220,41 @@ def _npz_images(path, headers):
     if shape[0] < 1:
         raise InputError(f"{path} holds no images in arr_0.")
 
-    def read(batch_size):
-        size = int(np.prod(shape[1:]))
-        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            f.read(offset)  # skip the .npy header
-            for i in range(0, shape[0], batch_size):
-                n = min(batch_size, shape[0] - i)
-                yield torch.frombuffer(bytearray(f.read(n * size)), dtype=torch.uint8).view(n, *shape[1:])
+    def read(batch_size, workers=0, pin_memory=False):
+        # One worker is enough: reading a zip member is sequential and far faster than the network.
+        ds = _NpzImages(path, shape, offset, batch_size)
+        yield from _batches(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, 1),
+                                                        pin_memory=pin_memory))
     return shape[0], read
 
 
-def _decode(file):
-    try:
-        with Image.open(file) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError) as e:  # PIL's errors for truncated or damaged image data
-        raise InputError(f"{file} cannot be decoded ({e}); delete or regenerate it.") from e
+class _FolderImages(torch.utils.data.Dataset):
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        # A decoding error is handed back as text: raised inside a worker, it would reach the user
+        # wrapped in the worker's traceback instead of as one sentence naming the file.
+        try:
+            with Image.open(self.files[i]) as im:
+                return np.asarray(im.convert("RGB")), ""
+        except (OSError, SyntaxError) as e:  # PIL's errors for truncated or damaged image data
+            return None, f"{self.files[i]} cannot be decoded ({e}); delete or regenerate it."
+
+
+def _collate(items):
+    errors = [e for _, e in items if e]
+    return (None, errors[0]) if errors else (torch.from_numpy(np.stack([im for im, _ in items])), "")
+
+
+def _batches(loader):
+    for batch, error in loader:
+        if error:
+            raise InputError(error)
+        yield batch
 
 
 def _folder_images(path):
@@ -237,9 +272,10 @@ def _folder_images(path):
         (s1, f1), (s2, f2) = list(sizes.items())[:2]
         raise InputError(f"images in {path} differ in resolution: {f1} is {s1[0]}x{s1[1]}, {f2} is {s2[0]}x{s2[1]}.")
 
-    def read(batch_size):
-        for i in range(0, len(files), batch_size):
-            yield torch.from_numpy(np.stack([_decode(f) for f in files[i:i + batch_size]]))
+    def read(batch_size, workers=0, pin_memory=False):
+        yield from _batches(torch.utils.data.DataLoader(_FolderImages(files), batch_size=batch_size,
+                                                        num_workers=workers, collate_fn=_collate,
+                                                        pin_memory=pin_memory))
     return len(files), read
 
 
@@ -259,7 +295,7 @@ def _check_stats(path, headers):
 
 
 def load_side(path):
-    """-> (stats, images): precomputed arrays by name, and None or (count, read(batch_size) of uint8 batches)."""
+    """-> (stats, images): precomputed arrays by name, and None or (count, read(batch_size, workers, pin))."""
     if not os.path.exists(path):
         raise InputError(f"{path} does not exist.")
     if os.path.isdir(path):
@@ -282,18 +318,21 @@ def load_side(path):
 # the network when its statistics file lacks something that was asked for.
 
 @torch.inference_mode()
-def extract_features(model, images, batch_size, device, name):
+def extract_features(model, images, batch_size, device, name, workers=0):
     count, read = images
-    pools, spatials, logits, done = [], [], [], 0
+    device = torch.device(device)
+    feats, done = ([], [], []), 0
     t0 = last = time.perf_counter()
-    for batch in read(batch_size):
-        for out, t in zip((pools, spatials, logits), model(batch.to(device))):
-            out.append(t.cpu().numpy())
+    for batch in read(batch_size, workers, pin_memory=device.type == "cuda"):
+        # Pinned batches copy asynchronously; features stay on the device until the end, so the loop
+        # never waits for the GPU and the workers keep decoding.
+        for out, t in zip(feats, model(batch.to(device, non_blocking=True))):
+            out.append(t)
         done += len(batch)
         if done == count or time.perf_counter() - last > 10:  # a line every 10 s keeps logs short
             last = time.perf_counter()
             print(f"{name}: {done}/{count} images, {done / (last - t0):.1f} images/s", file=sys.stderr, flush=True)
-    return np.concatenate(pools), np.concatenate(spatials), np.concatenate(logits)
+    return tuple(torch.cat(f).cpu().numpy() for f in feats)
 
 
 def derive_statistics(pool, spatial, logits, keys):
@@ -512,7 +551,7 @@ def run(args):
         print(note, file=sys.stderr, flush=True)
 
     def get_features(images, path):
-        return extract_features(model, images, args.batch_size, args.device, path)
+        return extract_features(model, images, args.batch_size, args.device, path, args.workers)
     samples, ref = [resolve_side(*side, need, get_features) for side, need in zip(sides, needs)]
     results = compute_metrics(metrics, samples, ref, args.device)
     if args.save_stats:  # only once everything succeeded: a failed run leaves nothing behind
@@ -565,7 +604,9 @@ def parse_args(argv=None):
                    help="comma list of fid, sfid, is, pr (default: all that the sample counts allow)")
     p.add_argument("--inception-ckpt", default=None, help="local pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=_count(1), default=50, help="images per Inception batch")
+    p.add_argument("--batch-size", type=_count(1), default=200, help="images per Inception batch")
+    p.add_argument("--workers", type=_count(0), default=min(8, os.cpu_count() or 1),
+                   help="DataLoader processes decoding images")
     p.add_argument("--save-stats", default=None, help="write the samples' mu, sigma, mu_s, sigma_s, pool here (.npz)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of one line per metric")
     return p.parse_args(argv)

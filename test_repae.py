@@ -1037,10 +1037,10 @@ def test_fid_cli_end_to_end(tmp_path, capsys, monkeypatch, _fid_ckpt):
     for i, im in enumerate(_fid_images(4, seed=1)):
         Image.fromarray(im).save(tmp_path / "s" / f"{i:06d}.png")
     np.savez(tmp_path / "r.npz", arr_0=_fid_images(4, seed=2))
-    # The network run, as a real subprocess, on a PNG folder and an npz. No --metrics:
+    # The network run, as a real subprocess, with DataLoader workers on a PNG folder and an npz. No --metrics:
     # 4 samples per side allow IS and precision/recall, not FID/sFID, which says so before the pass.
     # FID/sFID on 2048-d features cost ~1 min of sqrtm on 2 cores: checked below on small statistics.
-    out = _fid_cli(str(tmp_path / "s"), str(tmp_path / "r.npz"), "--device", "cpu",
+    out = _fid_cli(str(tmp_path / "s"), str(tmp_path / "r.npz"), "--device", "cpu", "--workers", "2",
                    "--inception-ckpt", str(_fid_ckpt), "--batch-size", "3", "--save-stats", str(stats))
     assert out.returncode == 0, out.stderr
     lines = dict(line.split(": ") for line in out.stdout.strip().splitlines())
@@ -1229,6 +1229,7 @@ def test_fid_sample_count_thresholds_follow_the_covariance_rank():
 
 def test_fid_bad_counts_and_devices_are_one_line_from_the_parser(capsys):
     for flags, message in ((["--batch-size", "-5"], "argument --batch-size: must be at least 1, got -5"),
+                           (["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
                            (["--batch-size", "x"], "argument --batch-size: invalid count value: 'x'"),
                            (["--device", "foo"], "argument --device: 'foo' is not a torch device")):
         with pytest.raises(SystemExit) as e:
@@ -1278,7 +1279,7 @@ def _fid_bad_runs(tmp_path_factory, _fid_ckpt):
             "text_npz": [d / "samples.npz", good], "npz_wrong_dtype": [d / "floats.npz", good],
             "pickled_npz": [d / "pickled.npz", good], "stat_dims": [a, b],
             "unreadable_png": [d / "unreadable", good],
-            "truncated_png": [d / "truncated", good, "--metrics", "is", "--batch-size", "4"],
+            "truncated_png": [d / "truncated", good, "--metrics", "is", "--workers", "2", "--batch-size", "4"],
             "too_few_for_fid": [good, good, "--metrics", "fid"],
             "save_stats_bad_folder": [good, good, "--save-stats", d / "missing" / "s.npz"]}
     runs = {}
