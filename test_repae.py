@@ -970,11 +970,13 @@ def test_fid_folder_and_npz_read_the_same_images(tmp_path):
     for i, im in enumerate(imgs):
         Image.fromarray(im).save(tmp_path / f"{i:03d}.png")
     (tmp_path / "notes.txt").write_text("ignored")
-    np.savez(tmp_path / "imgs.npz", arr_0=imgs)
-    for path in (str(tmp_path), str(tmp_path / "imgs.npz")):
+    np.savez(tmp_path / "imgs.npz", arr_0=imgs)                # memory-mapped
+    np.savez_compressed(tmp_path / "packed.npz", arr_0=imgs)   # streamed
+    for path in (str(tmp_path), str(tmp_path / "imgs.npz"), str(tmp_path / "packed.npz")):
         stats, (count, read) = fid.load_side(path)
         assert stats == {} and count == 5
-        assert np.array_equal(np.concatenate(list(read(2))), imgs)
+        for workers in (0, 2):
+            assert np.array_equal(np.concatenate(list(read(2, workers))), imgs)
 
 
 @pytest.mark.parametrize("array, message", [
