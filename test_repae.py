@@ -1531,8 +1531,8 @@ def test_fid_inception_score_one_for_identical_predictions():
 
 def test_fid_inception_score_k_for_k_confident_equally_likely_classes():
     k = 7
-    probs = np.tile(np.eye(k), (10, 1))  # every split of 7 rows holds each class once
-    assert fid.inception_score(probs, splits=10) == pytest.approx(k, rel=1e-12)
+    probs = np.tile(np.eye(k), (10, 1))  # every chunk of 7 rows holds each class once
+    assert fid.inception_score(probs, split_size=k) == pytest.approx(k, rel=1e-12)
 
 # ---------------------------------------------------------------- precision / recall
 
@@ -1545,19 +1545,6 @@ def test_fid_precision_recall_fall_for_disjoint_sets():
     rng = np.random.default_rng(5)
     real, fake = rng.standard_normal((40, 16)), rng.standard_normal((30, 16)) + 100
     assert fid.precision_recall(real, fake, k=3) == (0.0, 0.0)
-
-
-def test_fid_precision_recall_chunking_matches_brute_force():
-    rng = np.random.default_rng(6)
-    real, fake = rng.standard_normal((37, 5)), rng.standard_normal((29, 5)) + 0.5
-    d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)
-    r_real, r_fake = np.sort(d(real, real), 1)[:, 3], np.sort(d(fake, fake), 1)[:, 3]
-    precision = (d(fake, real) <= r_real[None]).any(1).mean()
-    recall = (d(real, fake) <= r_fake[None]).any(1).mean()
-    assert 0 < precision < 1 and 0 < recall < 1
-    for chunk in (2, 7, 10000):
-        got = fid.precision_recall(real, fake, k=3, chunk=chunk)
-        assert got == pytest.approx((precision, recall), abs=1e-12)
 
 # ---------------------------------------------------------------- Inception network
 
@@ -1586,9 +1573,10 @@ def test_fid_features_shapes_determinism_and_sfid_layer():
 
 def test_fid_build_inception_loads_checkpoint_strictly(tmp_path, _fid_ckpt):
     net = fid.build_inception(str(_fid_ckpt))
-    assert not net.training and all(torch.equal(v, _fid_random_net().state_dict()[k]) for k, v in net.state_dict().items())
+    expected = _fid_random_net().state_dict()
+    assert not net.training and all(torch.equal(v, expected[k]) for k, v in net.state_dict().items())
     torch.save({"fc.weight": torch.zeros(1008, 2048), "extra": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(fid.InputError, match="does not hold the pytorch-fid Inception weights"):
         fid.build_inception(str(tmp_path / "bad.pth"))
     with pytest.raises(ValueError, match="does not exist"):
         fid.build_inception(str(tmp_path / "missing.pth"))
@@ -1601,18 +1589,20 @@ def test_fid_folder_and_npz_read_the_same_images(tmp_path):
     for i, im in enumerate(imgs):
         Image.fromarray(im).save(tmp_path / f"{i:03d}.png")
     (tmp_path / "notes.txt").write_text("ignored")
-    np.savez(tmp_path / "imgs.npz", arr_0=imgs)
-    for path in (str(tmp_path), str(tmp_path / "imgs.npz")):
+    np.savez(tmp_path / "imgs.npz", arr_0=imgs)                # memory-mapped
+    np.savez_compressed(tmp_path / "packed.npz", arr_0=imgs)   # streamed
+    for path in (str(tmp_path), str(tmp_path / "imgs.npz"), str(tmp_path / "packed.npz")):
         stats, (count, read) = fid.load_side(path)
         assert stats == {} and count == 5
-        assert np.array_equal(np.concatenate(list(read(2))), imgs)
+        for workers in (0, 2):
+            assert np.array_equal(np.concatenate(list(read(2, workers))), imgs)
 
 
 @pytest.mark.parametrize("array, message", [
     (np.zeros((4, 8, 8, 3), np.float32), "must be uint8"),
     (np.zeros((4, 8, 8), np.uint8), "shape"),
     (np.zeros((4, 8, 8, 4), np.uint8), "shape"),
-    (np.zeros((1, 8, 8, 3), np.uint8), "at least 2"),
+    (np.zeros((0, 8, 8, 3), np.uint8), "no images"),
 ])
 def test_fid_bad_npz_images(tmp_path, array, message):
     np.savez(tmp_path / "x.npz", arr_0=array)
@@ -1624,11 +1614,10 @@ def test_fid_bad_folders(tmp_path):
     empty, one, mixed = (tmp_path / n for n in ("empty", "one", "mixed"))
     for d in (empty, one, mixed):
         d.mkdir()
-    with pytest.raises(ValueError, match="0 png/jpg/jpeg/webp"):
+    with pytest.raises(ValueError, match="no png/jpg/jpeg/webp"):
         fid.load_side(str(empty))
     Image.fromarray(_fid_images(1)[0]).save(one / "a.png")
-    with pytest.raises(ValueError, match="at least 2"):
-        fid.load_side(str(one))
+    assert fid.load_side(str(one))[1][0] == 1  # enough for IS; the other metrics are decided by choose_metrics
     Image.fromarray(_fid_images(1, size=8)[0]).save(mixed / "a.png")
     Image.fromarray(_fid_images(1, size=16)[0]).save(mixed / "b.jpg")
     with pytest.raises(ValueError, match="differ in resolution"):
@@ -1645,9 +1634,10 @@ def test_fid_bad_paths_and_statistics_files(tmp_path):
     with pytest.raises(ValueError, match="mu without sigma"):
         fid.load_side(str(tmp_path / "half.npz"))
     np.savez(tmp_path / "fidonly.npz", mu=np.zeros(3), sigma=np.eye(3))
-    stats, images = fid.load_side(str(tmp_path / "fidonly.npz"))
-    with pytest.raises(ValueError, match="no images"):  # sFID asked of a file that only has FID stats
-        fid.resolve_side("fidonly.npz", stats, images, ["mu_s", "sigma_s"], get_features=None)
+    side = ("fidonly.npz", *fid.load_side(str(tmp_path / "fidonly.npz")))
+    with pytest.raises(ValueError, match="fidonly.npz has no images and no mu_s/sigma_s"):
+        fid.choose_metrics(["sfid"], [side, side])  # sFID asked of a file that only has FID stats
+    assert fid.choose_metrics(None, [side, side])[0] == ["fid"]
 
 
 def test_fid_main_reports_bad_input_in_one_line(tmp_path, capsys):
@@ -1664,19 +1654,26 @@ def test_fid_main_reports_bad_input_in_one_line(tmp_path, capsys):
 
 def test_fid_cli_end_to_end(tmp_path, capsys, monkeypatch, _fid_ckpt):
     stats = tmp_path / "stats.npz"
-    np.savez(tmp_path / "s.npz", arr_0=_fid_images(4, seed=1))
+    (tmp_path / "s").mkdir()
+    for i, im in enumerate(_fid_images(4, seed=1)):
+        Image.fromarray(im).save(tmp_path / "s" / f"{i:06d}.png")
     np.savez(tmp_path / "r.npz", arr_0=_fid_images(4, seed=2))
-    # The network run, as a real subprocess: IS and precision/recall. FID/sFID on 2048-d features
-    # cost ~1 min of sqrtm on 2 cores, so they are checked below on small precomputed statistics.
-    out = _fid_cli(str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--metrics", "is,pr", "--device", "cpu",
+    # The network run, as a real subprocess, with DataLoader workers on a PNG folder and an npz. No --metrics:
+    # 4 samples per side allow IS and precision/recall, not FID/sFID, which says so before the pass.
+    # FID/sFID on 2048-d features cost ~1 min of sqrtm on 2 cores: checked below on small statistics.
+    out = _fid_cli(str(tmp_path / "s"), str(tmp_path / "r.npz"), "--device", "cpu", "--workers", "2",
                    "--inception-ckpt", str(_fid_ckpt), "--batch-size", "3", "--save-stats", str(stats))
     assert out.returncode == 0, out.stderr
     lines = dict(line.split(": ") for line in out.stdout.strip().splitlines())
     assert list(lines) == ["IS", "Precision", "Recall"] and all(np.isfinite(float(v)) for v in lines.values())
-    assert "4/4 images" in out.stderr and "images/s" in out.stderr
-    with np.load(stats) as f:
-        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
-        assert f["mu_s"].shape == (2023,) and f["sigma_s"].shape == (2023, 2023) and f["pool"].shape == (4, 2048)
+    err = out.stderr.splitlines()
+    assert err[0].startswith("fid.py: skipping FID, sFID: FID needs more than 2048 samples per side")
+    assert "sFID needs more than 2023 samples per side" in err[0] and err[0].endswith("Computing IS, precision/recall.")
+    assert "images/s" in err[1] and "4/4 images" in out.stderr and "Traceback" not in out.stderr
+    assert err[-1] == ("fid.py: --save-stats left out mu, sigma, mu_s, sigma_s: 4 samples give rank-deficient "
+                       "covariances.")
+    with np.load(stats) as f:  # rank-deficient covariances are not saved as if they were statistics
+        assert f.files == ["pool"] and f["pool"].shape == (4, 2048)
     # Statistics files on both sides need no network; in-process to save the ~8 s of importing
     # torch and torchvision again.
     monkeypatch.setattr(fid, "build_inception", lambda ckpt: pytest.fail("the network was built"))
@@ -1698,7 +1695,228 @@ def test_fid_cli_missing_weights_fails_fast_naming_the_flag(tmp_path, monkeypatc
     monkeypatch.setattr(fid, "WEIGHTS_URL", "http://127.0.0.1:9/pt_inception.pth")
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as e:
-        fid.main(fid.parse_args([str(tmp_path / "s.npz"), str(tmp_path / "s.npz"), "--metrics", "is", "--device", "cpu"]))
+        fid.main(fid.parse_args([str(tmp_path / "s.npz")] * 2 + ["--metrics", "is", "--device", "cpu"]))
     assert time.perf_counter() - t0 < 10
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--inception-ckpt" in err and "Traceback" not in err
+
+# ---------------------------------------------------------------- the ADM evaluator's behaviour
+
+def _fid_tf1_resize_loops(img, out_h, out_w):
+    """TF1 ResizeBilinear (align_corners=False, half_pixel_centers=False) by explicit index arithmetic, float32."""
+    def taps(n_in, n_out):
+        scale = np.float32(n_in) / np.float32(n_out)
+        for i in range(n_out):
+            src = np.float32(i) * scale  # no half-pixel offset
+            lo = int(np.floor(src))
+            yield lo, min(lo + 1, n_in - 1), np.float32(src - np.float32(lo))
+    out = np.zeros((out_h, out_w, img.shape[2]), np.float32)
+    cols = list(taps(img.shape[1], out_w))
+    for y, (y0, y1, wy) in enumerate(taps(img.shape[0], out_h)):
+        for x, (x0, x1, wx) in enumerate(cols):
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * wx
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * wx
+            out[y, x] = top + (bottom - top) * wy
+    return out
+
+
+def test_fid_preprocessing_is_tf1_resize_bilinear_then_x_minus_128_over_128():
+    img = np.random.default_rng(7).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    for size in (3, 11):  # down and up, from a non-square image
+        got = fid.tf1_resize_bilinear(x, size)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(got, _fid_tf1_resize_loops(img.astype(np.float32), size, size), rtol=0, atol=1e-4)
+    expected = (_fid_tf1_resize_loops(img.astype(np.float32), 299, 299) - 128) / 128
+    got = fid.preprocess(torch.from_numpy(img)[None])[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    # pytorch-fid's preprocessing (half-pixel centres, 2x/255 - 1) is measurably another one.
+    pytorch_fid = torch.nn.functional.interpolate(x / 255, size=(299, 299), mode="bilinear") * 2 - 1
+    assert np.abs(pytorch_fid[0].permute(1, 2, 0).numpy() - expected).max() > 0.1
+    # and the network's first convolution sees exactly preprocess(images)
+    seen, net = [], _fid_random_net()
+    hook = net.Conv2d_1a_3x3.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.inference_mode():
+        net(torch.from_numpy(img)[None])
+    hook.remove()
+    assert torch.equal(seen[0], fid.preprocess(torch.from_numpy(img)[None]))
+
+
+def test_fid_inception_score_uses_consecutive_chunks_of_5000():
+    def adm_inception_score(probs):  # chunks of 5000 in sample order, the last one shorter
+        scores = []
+        for start in range(0, len(probs), 5000):
+            part = probs[start:start + 5000]
+            kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+            scores.append(np.exp(kl.sum(1).mean()))
+        return np.mean(scores)
+
+    def ten_equal_splits(probs):
+        return np.mean([np.exp((p * (np.log(p) - np.log(p.mean(0)))).sum(1).mean()) for p in np.array_split(probs, 10)])
+    for n in (12000, 50000):
+        rng = np.random.default_rng(n)
+        # the preferred class drifts with the sample index, so where the chunks are cut matters
+        logits = 2 * rng.standard_normal((n, 10)) + np.linspace(0, 3, n)[:, None] * np.arange(10)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        got = fid.inception_score(probs)
+        assert got == pytest.approx(adm_inception_score(probs), rel=1e-12)
+        if n == 50000:  # the one count where ADM's chunks are 10 equal splits
+            assert got == pytest.approx(ten_equal_splits(probs), rel=1e-12)
+        else:
+            assert abs(got / ten_equal_splits(probs) - 1) > 1e-3  # 0.67% here
+
+
+def _fid_dists16(a, b):
+    """ADM's DistanceBlock in numpy float16: features cast to float16, every operation rounded to float16."""
+    a16, b16 = np.asarray(a).astype(np.float16), np.asarray(b).astype(np.float16)
+    uv = (a16.astype(np.float32) @ b16.astype(np.float32).T).astype(np.float16)  # GPU matmul: float32 accumulator
+    with np.errstate(over="ignore"):
+        return np.maximum(np.sum(a16 * a16, 1)[:, None] - 2 * uv + np.sum(b16 * b16, 1)[None], np.float16(0))
+
+
+def _fid_dists32(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None], np.float32(0))
+
+
+def _fid_pr_brute(real, fake, dists, k=3):
+    """(precision, recall): radius = (k+1)-th smallest distance including self, inside means <=."""
+    r_real, r_fake = np.sort(dists(real, real), 1)[:, k], np.sort(dists(fake, fake), 1)[:, k]
+    d = dists(real, fake)
+    return float((d <= r_real[:, None]).any(0).mean()), float((d <= r_fake[None]).any(1).mean())
+
+
+def test_fid_precision_decides_a_float16_boundary_case_as_adm_does():
+    # The real point at the origin has radius 64: its 4th smallest distance, self included, is 8^2.
+    # The fake point (-8, 1/8) lies 64 + 1/64 from it: outside in float32. In float16 its norm
+    # 64.015625 rounds to 64 (the spacing there is 1/16), and ADM's `<=` counts it inside.
+    real = np.array([[0, 0], [8, 0], [8, 0], [8, 0]], np.float32)
+    fake = np.array([[-8, 0.125], [100, 100], [100, 100], [100, 100]], np.float32)
+    float32 = _fid_pr_brute(real, fake, _fid_dists32)
+    float16 = _fid_pr_brute(real, fake, _fid_dists16)
+    assert float32[0] == 0 and float16[0] == 0.25
+    assert fid.precision_recall(real, fake, k=3) == float16
+
+
+def test_fid_precision_recall_chunking_matches_brute_force():
+    rng = np.random.default_rng(6)
+    # Multiples of 1/4 near 4: every float32 sum is exact, so any summation order gives the same float16
+    # roundings. The norms (~1000-2000, float16 spacing 1-2) dwarf the distances (~20), as pool features' do.
+    real, fake = 4 + rng.integers(0, 8, (37, 64)) / 4, 4.25 + rng.integers(0, 8, (29, 64)) / 4
+    float16 = _fid_pr_brute(real, fake, _fid_dists16)
+    assert 0 < float16[0] < 1 and 0 < float16[1] < 1 and float16 != _fid_pr_brute(real, fake, _fid_dists32)
+    for chunk in (3, 16, 10000):  # blocks smaller than k + 1 columns, uneven blocks, one block
+        assert fid.precision_recall(real, fake, k=3, chunk=chunk) == float16
+
+
+def test_fid_distance_block_overflow_behaves_as_adm():
+    # A float16 block with a non-finite entry (here a norm of 90000 > 65504) is recomputed in float32 ...
+    big, small = np.array([[300, 0], [0, 1]], np.float32), np.array([[1, 2], [3, 4]], np.float32)
+    assert not np.isfinite(_fid_dists16(big, small)).all()
+    assert np.array_equal(fid._distance_block(torch.from_numpy(big), torch.from_numpy(small)).numpy(),
+                          _fid_dists32(big, small))
+    # ... but when only -2 u.v overflows, the block is -inf there, clamped to 0 and kept: ADM then puts
+    # points 50 apart at distance 0, and so must we.
+    u, v = np.array([[181, 0]], np.float32), np.array([[181, 50]], np.float32)
+    assert _fid_dists16(u, v).item() == 0 and _fid_dists32(u, v).item() == 2500
+    assert fid._distance_block(torch.from_numpy(u), torch.from_numpy(v)).item() == 0
+
+
+def test_fid_sample_count_thresholds_follow_the_covariance_rank():
+    # N samples in d dimensions give a covariance of rank min(N - 1, d): full rank needs N > d.
+    rng = np.random.default_rng(8)
+    assert [np.linalg.matrix_rank(np.cov(rng.standard_normal((n, 6)), rowvar=False)) for n in (6, 7)] == [5, 6]
+
+    def side(n, stats=None):
+        return f"{n}.npz", stats or {}, (n, None)
+
+    def pick(n, metrics=None, ref=None):
+        return fid.choose_metrics(metrics, [side(n), ref or side(n)])
+    assert pick(2048)[0] == ["sfid", "is", "pr"] and pick(2049) == (["fid", "sfid", "is", "pr"], None)
+    assert pick(2023)[0] == ["is", "pr"] and pick(2024)[0] == ["sfid", "is", "pr"]
+    assert pick(3)[0] == ["is"] and pick(4)[0] == ["is", "pr"] and pick(1)[0] == ["is"]
+    assert pick(2048)[1] == ("fid.py: skipping FID: FID needs more than 2048 samples per side (N samples give a "
+                             "covariance of rank N-1 at most), 2048.npz has 2048 images. Computing sFID, IS, "
+                             "precision/recall.")
+    with pytest.raises(fid.InputError, match=r"FID needs more than 2048 .*, 2048.npz has 2048 images; these "
+                                             r"inputs allow --metrics sfid,is,pr\.$"):
+        pick(2048, ["fid", "is"])
+    # precomputed mu/sigma (an ADM reference batch with 10 images) count as enough for their side
+    adm_ref = ("ref.npz", {k: np.zeros(1) for k in ("mu", "sigma", "mu_s", "sigma_s")}, (10, None))
+    assert pick(2049, ref=adm_ref)[0] == ["fid", "sfid", "is", "pr"] and pick(2048, ref=adm_ref)[0][0] == "sfid"
+    with pytest.raises(fid.InputError, match="IS needs at least 1 sample image, stats.npz has no images; "):
+        fid.choose_metrics(["is"], [("stats.npz", adm_ref[1], None), adm_ref])
+
+
+def test_fid_bad_counts_and_devices_are_one_line_from_the_parser(capsys):
+    for flags, message in ((["--batch-size", "-5"], "argument --batch-size: must be at least 1, got -5"),
+                           (["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+                           (["--batch-size", "x"], "argument --batch-size: invalid count value: 'x'"),
+                           (["--device", "foo"], "argument --device: 'foo' is not a torch device")):
+        with pytest.raises(SystemExit) as e:
+            fid.parse_args(["s.npz", "r.npz", *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err == f"fid.py: error: {message} (see fid.py --help)\n"
+
+# ---------------------------------------------------------------- bad input on the command line
+
+_FID_BAD_INPUT = {  # case: what its one line must say
+    "unknown_flag": ("unrecognized arguments: --foo (see fid.py --help)",),
+    "batch_size_zero": ("argument --batch-size: must be at least 1, got 0",),
+    "unknown_metric": ("argument --metrics: unknown metric(s) kid; choose from fid, sfid, is, pr",),
+    "corrupt_ckpt": ("junk.pth is not a readable PyTorch checkpoint (UnpicklingError)", "--inception-ckpt."),
+    "text_npz": ("samples.npz is not a valid .npz file",),
+    "npz_wrong_dtype": ("floats.npz: arr_0 must be uint8 images of shape (N, H, W, 3), got float32",),
+    "pickled_npz": ("pickled.npz: arr_0 holds Python objects",),
+    "stat_dims": ("a.npz gives 5-d mu, ", "b.npz 6-d", "same Inception features"),
+    "unreadable_png": ("b.png is not a readable image",),
+    "truncated_png": ("c.png cannot be decoded (image file is truncated",),
+    "too_few_for_fid": ("FID needs more than 2048 samples per side", "good.npz has 10 images",
+                        "these inputs allow --metrics is,pr."),
+    "save_stats_bad_folder": ("--save-stats ", "must be a .npz path in an existing folder",),
+}
+
+
+@pytest.fixture(scope="module")
+def _fid_bad_runs(tmp_path_factory, _fid_ckpt):
+    """Every bad-input case of the CLI as a subprocess, all started at once: each spends ~4 s importing torch."""
+    d = tmp_path_factory.mktemp("fid_bad")
+    good = d / "good.npz"
+    np.savez(good, arr_0=_fid_images(10, size=16))
+    (d / "samples.npz").write_text("not a zip archive")
+    (d / "junk.pth").write_text("not a checkpoint")
+    np.savez(d / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    np.savez(d / "pickled.npz", arr_0=np.array([{"a": 1}], dtype=object))
+    a, b = _fid_write_stats(d / "a.npz", 5, seed=0), _fid_write_stats(d / "b.npz", 6, seed=1)
+    for folder, broken in (("unreadable", "b.png"), ("truncated", "c.png")):
+        (d / folder).mkdir()
+        for i, im in enumerate(_fid_images(4, size=16)):
+            Image.fromarray(im).save(d / folder / f"{'abcd'[i]}.png")
+        data = (d / folder / broken).read_bytes()
+        (d / folder / broken).write_bytes(b"not an image" if folder == "unreadable" else data[:len(data) // 2])
+    argv = {"unknown_flag": [good, good, "--foo"], "batch_size_zero": [good, good, "--batch-size", "0"],
+            "unknown_metric": [good, good, "--metrics", "fid,kid"],
+            "corrupt_ckpt": [good, good, "--inception-ckpt", d / "junk.pth"],
+            "text_npz": [d / "samples.npz", good], "npz_wrong_dtype": [d / "floats.npz", good],
+            "pickled_npz": [d / "pickled.npz", good], "stat_dims": [a, b],
+            "unreadable_png": [d / "unreadable", good],
+            "truncated_png": [d / "truncated", good, "--metrics", "is", "--workers", "2", "--batch-size", "4"],
+            "too_few_for_fid": [good, good, "--metrics", "fid"],
+            "save_stats_bad_folder": [good, good, "--save-stats", d / "missing" / "s.npz"]}
+    runs = {}
+    for case, args in argv.items():
+        save = d / f"{case}_stats.npz"  # must not exist afterwards: a failed run leaves nothing behind
+        cmd = [sys.executable, os.path.join(HERE, "fid.py"), "--device", "cpu", "--inception-ckpt", str(_fid_ckpt),
+               "--save-stats", str(save), *map(str, args)]
+        runs[case] = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), save
+    return runs
+
+
+@pytest.mark.parametrize("case", list(_FID_BAD_INPUT))
+def test_fid_bad_input_is_one_line_and_exit_status_2(case, _fid_bad_runs):
+    proc, save = _fid_bad_runs[case]
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and out == "" and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("fid.py: error: "), err
+    assert all(fragment in err for fragment in _FID_BAD_INPUT[case]), err
+    assert not save.exists()
