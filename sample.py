@@ -169,6 +169,16 @@ def sample_folder(args):
                                          f"-seed{args.global_seed}-{what}")
 
 
+def write_npz(sample_dir, n):
+    """<sample_dir>.npz from its n PNGs: arr_0, (N, H, W, 3) uint8, the ADM format; written, then renamed."""
+    arr = np.empty((n, *np.asarray(Image.open(f"{sample_dir}/000000.png")).shape), dtype=np.uint8)   # 9.8 GB at 50k
+    for i in range(n):
+        arr[i] = np.asarray(Image.open(f"{sample_dir}/{i:06d}.png"))
+    np.savez(f"{sample_dir}.tmp.npz", arr_0=arr)
+    os.replace(f"{sample_dir}.tmp.npz", f"{sample_dir}.npz")
+    return f"{sample_dir}.npz {arr.shape}"
+
+
 @torch.no_grad()
 def main(args):
     dist_env = repae.init_distributed()
@@ -196,27 +206,31 @@ def main(args):
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f"{sample_dir}.png")
         return log(f"saved {sample_dir}.png")
 
-    n, b, todo = args.num_fid_samples, args.pproc_batch_size, [None]
+    n, b, work = args.num_fid_samples, args.pproc_batch_size, [None, None]        # (refusal, todo) from rank 0
     settings = {k: v for k, v in dict(vars(args), ckpt=os.path.abspath(args.ckpt)).items()
                 if k not in ("sample_dir", "pproc_batch_size", "exp_path", "train_steps")}
-    saved = os.path.join(sample_dir, "args.json")
-    old = json.load(open(saved)) if os.path.isfile(saved) else settings
-    if old != settings:
-        fail(f"'{sample_dir}' holds samples drawn with other settings (old, new): "
-             f"{ {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v} }; pass another --sample-dir")
     if dist_env.is_main:                                    # rank 0 lists the work, every rank takes its share
-        os.makedirs(sample_dir, exist_ok=True)
-        with open(saved, "w") as f:
-            json.dump(settings, f, indent=2)
-        # A batch with any PNG missing is redrawn whole: same batch, same floats, same PNGs.
-        todo = [[list(range(s, min(s + b, n))) for s in range(0, n, b)
-                 if not all(os.path.exists(png(i)) for i in range(s, min(s + b, n)))]]
-        log(f"{n} samples in {sample_dir}: {n - sum(map(len, todo[0]))} already there; drawing the rest "
-            f"({args.mode}, {args.num_steps} steps, cfg {args.cfg_scale} on [{args.guidance_low}, "
-            f"{args.guidance_high}]) with {world} process(es) on {device.type}")
+        saved = os.path.join(sample_dir, "args.json")
+        old = json.load(open(saved)) if os.path.isfile(saved) else settings
+        if old != settings:
+            work[0] = (f"'{sample_dir}' holds samples drawn with other settings (old, new): "
+                       f"{ {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v} }; "
+                       f"pass another --sample-dir")
+        else:
+            os.makedirs(sample_dir, exist_ok=True)
+            with open(saved, "w") as f:
+                json.dump(settings, f, indent=2)
+            # A batch with any PNG missing is redrawn whole: same batch, same floats, same PNGs.
+            work[1] = [list(range(s, min(s + b, n))) for s in range(0, n, b)
+                       if not all(os.path.exists(png(i)) for i in range(s, min(s + b, n)))]
+            log(f"{n} samples in {sample_dir}: {n - sum(map(len, work[1]))} already there; drawing the rest "
+                f"({args.mode}, {args.num_steps} steps, cfg {args.cfg_scale} on [{args.guidance_low}, "
+                f"{args.guidance_high}]) with {world} process(es) on {device.type}")
     if world > 1:
-        dist.broadcast_object_list(todo, src=0, group=dist_env.ctrl)
-    todo = todo[0]
+        dist.broadcast_object_list(work, src=0, group=dist_env.ctrl)
+    if work[0]:
+        fail(work[0])
+    todo = work[1]
     total, done, t0 = sum(map(len, todo)), 0, time.time()
     for indices in todo[rank::world]:
         for i, image in zip(indices, gen(indices)):
@@ -230,12 +244,7 @@ def main(args):
     if world > 1:
         dist.barrier(group=dist_env.ctrl)
     if dist_env.is_main and all(os.path.exists(png(i)) for i in range(n)):
-        arr = np.empty((n, *np.asarray(Image.open(png(0))).shape), dtype=np.uint8)   # filled in place: 9.8 GB at 50k
-        for i in range(n):
-            arr[i] = np.asarray(Image.open(png(i)))
-        np.savez(f"{sample_dir}.tmp.npz", arr_0=arr)        # the ADM format: arr_0, (N, H, W, 3) uint8
-        os.replace(f"{sample_dir}.tmp.npz", f"{sample_dir}.npz")
-        log(f"saved {sample_dir}.npz {arr.shape}")
+        log(f"saved {write_npz(sample_dir, n)}")
     if world > 1:
         dist.barrier(group=dist_env.ctrl)
         dist.destroy_process_group()
