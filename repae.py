@@ -276,12 +276,12 @@ class LPIPS(nn.Module):
     relu1_2 ... relu5_3, unit-normalised, squared difference, learned 1x1 heads (keys lin0.model.1.weight ...)."""
     taps = (3, 8, 15, 22, 29)                               # indices of relu1_2 ... relu5_3 in vgg16().features
 
-    def __init__(self):
+    def __init__(self, narrow=1):                           # narrow: channels / narrow (--smoke's tiny LPIPS)
         super().__init__()
-        self.features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])[:30]  # keys 0 ... 29
-        self.heads = nn.ModuleDict({
-            f"lin{i}": nn.Sequential(OrderedDict(model=nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))))
-            for i, c in enumerate((64, 128, 256, 512, 512))})
+        cfg = [v if v == "M" else v // narrow for v in torchvision.models.vgg.cfgs["D"]]
+        self.features = torchvision.models.vgg.make_layers(cfg)[:30]   # keys 0 ... 29 of vgg16().features
+        head = lambda c: nn.Sequential(OrderedDict(model=nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))))
+        self.heads = nn.ModuleDict({f"lin{i}": head(c // narrow) for i, c in enumerate((64, 128, 256, 512, 512))})
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
         self.requires_grad_(False).eval()
@@ -302,10 +302,10 @@ class LPIPS(nn.Module):
         return d
 
 
-def load_lpips(vgg_ckpt=None, heads_ckpt=None, random_weights=False):
+def load_lpips(vgg_ckpt=None, heads_ckpt=None, random_weights=False, narrow=1):
     """torchvision's vgg16-397923af.pth (its `features.N` entries) and the taming heads vgg.pth; a file that
     --random-weights leaves unnamed stays random."""
-    lpips = LPIPS()
+    lpips = LPIPS(narrow)
     if vgg_ckpt or not random_weights:
         vgg = load_file(vgg_ckpt or fetch(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url,
                                           "vgg16-397923af.pth", "--vgg-ckpt"), "--vgg-ckpt")
@@ -795,7 +795,7 @@ def train_step(batches, m, args, device):
 # Pretrained pieces come from local paths or their hubs; --random-weights (implied by --smoke and
 # --benchmark) builds with random weights every piece whose file is not given: no network call at all.
 
-# --smoke: tiny versions of the named models, so that a run, its checkpoints and previews take minutes on a CPU
+# --smoke: tiny versions of the named models (LPIPS a quarter as wide), so that a run takes minutes on a CPU
 SMOKE = dict(sit=dict(hidden_size=64, num_heads=2, projector_dim=128), vae=dict(ch=32, num_res_blocks=1),
              encoder=dict(depth=2, embed_dim=64, num_heads=2))
 DINOV2_WIDTH = {"s": 384, "b": 768, "l": 1024, "g": 1536}
@@ -854,7 +854,7 @@ def build(args, device):
     if args.freeze_vae:
         m.vae.eval().requires_grad_(False)
     else:
-        m.lpips = load_lpips(args.vgg_ckpt, args.lpips_ckpt, args.random_weights).to(device)
+        m.lpips = load_lpips(args.vgg_ckpt, args.lpips_ckpt, args.random_weights, 4 if args.smoke else 1).to(device)
         m.disc = NLayerDiscriminator()
         if args.disc_pretrained_ckpt:
             load_state(m.disc, load_file(args.disc_pretrained_ckpt, "--disc-pretrained-ckpt"),

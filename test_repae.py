@@ -606,7 +606,7 @@ def test_real_weights_path_end_to_end(tmp_path, published):
     make_images(tmp_path / "data", 2, 2)
     r = run_cli("repae.py", "--data-dir", str(tmp_path / "data"), "--model", "SiT-S/2", "--resolution", "64",
                 "--num-classes", "2", "--enc-type", "dinov2-vit-s", "--encoder-depth", "4", "--batch-size", "2",
-                "--max-train-steps", "2", "--checkpointing-steps", "2", "--log-every", "1", "--sample-every", "2",
+                "--max-train-steps", "2", "--checkpointing-steps", "2", "--log-every", "1", "--sample-every", "0",
                 "--num-workers", "0", "--output-dir", str(tmp_path / "exps"), "--exp-name", "real",
                 "--vae-ckpt", str(w / "sdvae-f8d4.pt"), "--disc-pretrained-ckpt", str(w / "sdvae-f8d4-discriminator-ckpt.pt"),
                 "--vgg-ckpt", str(w / "vgg16-397923af.pth"), "--lpips-ckpt", str(w / "vgg.pth"),
