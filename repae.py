@@ -873,11 +873,11 @@ def compile_blocks(m):
     """--compile, regionally: every instance of a repeated block type (SiT and DINOv2 blocks, the VAE's res and
     attention blocks) runs one compiled code object, so compile time is that of a few blocks, not of whole
     models; LPIPS and the discriminator are small and compiled whole. In place: state_dict keys stay official."""
-    torch._dynamo.config.cache_size_limit = 64              # one graph per block shape and grad mode
+    torch._dynamo.config.cache_size_limit = 64              # one static graph per block shape and grad mode
     blocks = [b for b in m.vae.modules() if isinstance(b, (ResnetBlock, AttnBlock))]
     for module in [*m.sit.blocks, *blocks, *(b for e in m.encoders for b in e.blocks)] + \
             ([m.lpips, m.disc] if hasattr(m, "disc") else []):
-        module.compile()
+        module.compile(dynamic=False)                       # the VAE's levels differ in shape: no symbolic dims
 
 
 def wrap_distributed(m, dist_env):

@@ -921,7 +921,7 @@ def test_compiled_step_matches_eager(monkeypatch):
     torch.manual_seed(7)
     eager = repae.repae_step(x, y, m, args)
     compile_ = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_(self, backend="aot_eager"))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="aot_eager", **kw))
     args, m, x, y = tiny_run("--compile", seed=3)
     repae.compile_blocks(m)
     torch.manual_seed(7)
