@@ -49,10 +49,14 @@ def fail(msg, code=2):
     raise SystemExit(code)
 
 
-def load_file(path, flag):
-    """torch.load a weights file safely; the pickled argparse.Namespace of REPA-E checkpoints is allowed."""
+def need_file(path, flag):
     if not path or not os.path.isfile(path):
         fail(f"weights file '{path}' does not exist; pass the right path with {flag}")
+
+
+def load_file(path, flag):
+    """torch.load a weights file safely; the pickled argparse.Namespace of REPA-E checkpoints is allowed."""
+    need_file(path, flag)
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -1040,7 +1044,7 @@ def data_loader(ds, args, dist_env):
 # torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; `python repae.py` is a world of one.
 # A small gloo group carries control messages (stop flags, RNG states) without device syncs.
 
-def init_distributed(deterministic=False):
+def init_distributed(deterministic=False, allow_tf32=True):
     env = lambda name, default: int(os.environ.get(name, default))     # set by torchrun
     world, rank, local_rank = env("WORLD_SIZE", 1), env("RANK", 0), env("LOCAL_RANK", 0)
     cuda, procs, gpus = torch.cuda.is_available(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
@@ -1053,6 +1057,7 @@ def init_distributed(deterministic=False):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         for backend in ("flash", "mem_efficient", "cudnn"):   # their backward passes accumulate with atomics
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32   # --allow-tf32
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -1081,8 +1086,8 @@ def prepare_run(args):
     its disk must hold one more checkpoint. Returns (run_dir, checkpoint path or None)."""
     for flag in ("vae_ckpt", "latents_stats", "disc_pretrained_ckpt", "vgg_ckpt", "lpips_ckpt", "enc_ckpt"):
         for path in (getattr(args, flag) or "").split(","):     # every weights file named, before any is read
-            if path and not os.path.isfile(path):
-                fail(f"weights file '{path}' does not exist; pass the right path with --{flag.replace('_', '-')}")
+            if path:
+                need_file(path, f"--{flag.replace('_', '-')}")
     run_dir = os.path.join(args.output_dir, args.exp_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     found = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
@@ -1299,7 +1304,6 @@ def setup(args, dist_env, resume=None):
     """Models on every rank from the same seed (DDP then agrees from step 0, EMA and random-weight
     encoders included), then each rank reseeded for its own t, noise and label drops. Returns
     (models, step, exact): exact is False when a resume could not restore every rank's RNG."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     torch.manual_seed(args.seed)
     m = build(args, dist_env.device)
     torch.manual_seed(args.seed + dist_env.rank)
@@ -1309,7 +1313,7 @@ def setup(args, dist_env, resume=None):
 
 def main(args):
     """Each update takes K micro-batches from the loader (train_step); Monitor does the periodic work."""
-    dist_env = init_distributed(args.deterministic)
+    dist_env = init_distributed(args.deterministic, args.allow_tf32)
     dataset = build_dataset(args)
     run_dir, resume = prepare_run(args)
     m, step, exact = setup(args, dist_env, resume)
@@ -1381,8 +1385,7 @@ def cache_latents(args):
     released cache_latents.py, here in <data-dir>/<name>.npy (float32 (N, 2C, h, w), a memmap) with <name>.json (what
     made it) and <name>.done.npy (one flag per batch). Each process fills its share of batches; a rerun skips the
     batches already done, so a killed pass resumes."""
-    dist_env = init_distributed(args.deterministic)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    dist_env = init_distributed(args.deterministic, args.allow_tf32)
     ds, base, B = build_dataset(args), os.path.join(args.data_dir, args.vae_latents_name), args.pproc_batch_size
     meta, n, batches = cache_meta(ds, args), len(ds), math.ceil(len(ds) / B)
     vae = build_vae(args)
@@ -1437,7 +1440,7 @@ def benchmark(args):
     """--benchmark N: the configured models with random weights on synthetic batches. The FLOPs of one uncompiled
     step are counted for the MFU; then warm-up (compile) and N timed steps with a device sync at each phase
     boundary. Rank 0 prints the figures, and the graphs compiled during the timed steps (recompiles)."""
-    dist_env = init_distributed(args.deterministic)
+    dist_env = init_distributed(args.deterministic, args.allow_tf32)
     device, local_bs, n = dist_env.device, args.batch_size // dist_env.world, args.benchmark
     m = setup(args, dist_env)[0]
     x = torch.randint(0, 256, (local_bs, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)

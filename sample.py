@@ -181,10 +181,8 @@ def write_npz(sample_dir, n):
 
 @torch.no_grad()
 def main(args):
-    dist_env = repae.init_distributed()
+    dist_env = repae.init_distributed(allow_tf32=args.tf32)
     device, world, rank = dist_env.device, dist_env.world, dist_env.rank
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     log = (lambda msg: print(msg, flush=True)) if dist_env.is_main else (lambda msg: None)
     model, vae, scale, bias, cfg = load_models(args, device, log)
     args.resolution, args.path_type = cfg.resolution, cfg.path_type
