@@ -673,6 +673,11 @@ def euler_sampler(model, noise, y, num_steps=50, cfg_scale=1.0, guidance_low=0.0
     return x
 
 
+def decode_latent(vae, z_n, scale, bias):
+    """Images in [-1, 1] from a sampled normalised latent: z = z_n / scale + bias undoes the SiT's input BatchNorm."""
+    return vae.decode(z_n.float() / scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+
+
 #################################################################################
 #                 The REPA-E step: VAE update, discriminator, SiT, EMA           #
 #################################################################################
@@ -1191,9 +1196,8 @@ def save_grid(images, nrow, path):
 def write_previews(m, x, step, sample_dir, noise, labels):
     """EMA samples (Euler ODE, 50 steps, CFG 4.0 as the reference's previews) and VAE reconstructions."""
     z_n = euler_sampler(m.ema, noise, labels, num_steps=50, cfg_scale=4.0)
-    scale, bias = m.ema.latent_stats()
-    save_grid(m.vae.decode(z_n.float() / scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)), int(math.sqrt(len(noise))),
-              f"{sample_dir}/{step:07d}-samples.png")
+    images = decode_latent(m.vae, z_n, *m.ema.latent_stats())
+    save_grid(images, int(math.sqrt(len(noise))), f"{sample_dir}/{step:07d}-samples.png")
     x_vae = x[:8].float() / 127.5 - 1
     recon = m.vae.decode(m.vae.encode(x_vae).mode())
     save_grid(torch.cat([x_vae, recon]), len(x_vae), f"{sample_dir}/{step:07d}-recon.png")

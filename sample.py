@@ -147,7 +147,7 @@ def generate(indices, model, vae, scale, bias, schedule, args, amp):
     with amp():
         z_n = euler_maruyama_sampler(model, noise, y, **cfg, path_type=args.path_type, generators=gens) \
             if args.mode == "sde" else euler_sampler(model, noise, y, **cfg, heun=args.heun)
-    images = vae.decode(z_n.float() / scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+    images = repae.decode_latent(vae, z_n, scale, bias)
     # [-1, 1] -> uint8 by truncation, as the official generate.py whose samples gave the paper's FIDs
     return (255 * (images + 1) / 2).clamp(0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
