@@ -808,6 +808,7 @@ def train_step(batches, m, args, device):
 SMOKE = dict(sit=dict(hidden_size=64, num_heads=2, projector_dim=128), vae=dict(ch=32, num_res_blocks=1),
              encoder=dict(depth=2, embed_dim=64, num_heads=2))
 DINOV2_WIDTH = {"s": 384, "b": 768, "l": 1024, "g": 1536}
+AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # --mixed-precision: autocast on CUDA
 
 
 def build_vae(args):
@@ -871,8 +872,7 @@ def build(args, device):
         m.disc.to(device)
         m.opt_vae = adamw(m.vae.parameters(), lr=args.vae_learning_rate)
         m.opt_disc = adamw(m.disc.parameters(), lr=args.disc_learning_rate)
-    use_amp = device.type == "cuda" and args.mixed_precision != "no"
-    m.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision] if use_amp else None
+    m.amp_dtype = AMP_DTYPES[args.mixed_precision] if device.type == "cuda" else None   # CPU: float32
     m.scaler = torch.amp.GradScaler(device.type, enabled=m.amp_dtype == torch.float16)
     m.vae.decoder.checkpointing = args.vae_checkpointing
     return m
@@ -1300,8 +1300,6 @@ class Monitor:
             self.checkpoint(step)
         self.log(f"stopped by signal at step {step}; continue with --resume auto" if stopped else
                  f"done: steps {self.step0} to {step} in {time.time() - self.t0:.1f}s")
-        if self.d.world > 1:
-            dist.destroy_process_group()
 
 
 def setup(args, dist_env, resume=None):
@@ -1323,7 +1321,7 @@ def main(args):
     m, step, exact = setup(args, dist_env, resume)
     if step >= args.max_train_steps:
         say("note", f"'{resume}' is at step {step}: --max-train-steps {args.max_train_steps} is reached, nothing to do")
-        return dist.destroy_process_group() if dist_env.world > 1 else None
+        return
     if args.compile:
         compile_blocks(m)
     loader, K = data_loader(dataset, args, dist_env), args.gradient_accumulation_steps
@@ -1422,7 +1420,6 @@ def cache_latents(args):
                   flush=True)
     if dist_env.world > 1:
         dist.barrier(group=dist_env.ctrl)
-        dist.destroy_process_group()
     if dist_env.is_main:
         print(f"wrote {base}.npy: {n} images' posterior moments; train with --vae-latents-name {args.vae_latents_name}")
 
@@ -1489,8 +1486,6 @@ def benchmark(args):
               "mfu: n/a (no known peak for this device; pass --peak-tflops)")
         print(f"warmup_s: {t_warmup:.1f} ({warmup} steps{', compile included' * args.compile}); graphs compiled: "
               f"{compiled}, of which during the timed steps (recompiles): {graphs['unique_graphs'] - compiled}")
-    if dist_env.world > 1:
-        dist.destroy_process_group()
 
 
 #################################################################################
@@ -1668,3 +1663,5 @@ if __name__ == "__main__":
     args = parse_args()
     export_vae(args) if args.export_vae else cache_latents(args) if args.cache_latents else \
         benchmark(args) if args.benchmark else main(args)
+    if dist.is_initialized():                               # under torchrun: every mode ends here
+        dist.destroy_process_group()

@@ -189,7 +189,7 @@ def main(args):
     if args.cfg_scale > 1 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
         fail("this SiT was trained without label dropout (--cfg-prob 0), so it has no null label; use --cfg-scale 1")
     schedule = label_schedule(args, model.num_classes)
-    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    dtype = repae.AMP_DTYPES[args.mixed_precision]
     amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype is not None)
     gen = lambda indices: generate(indices, model, vae, scale, bias, schedule, args, amp)
     sample_dir = sample_folder(args)
