@@ -548,7 +548,7 @@ SiT_models = {f"SiT-{name}/{p}": functools.partial(SiT, depth=d, hidden_size=h, 
 # L_REPA aligns SiT tokens with a pretrained visual encoder (REPA). DINOv2-B is the paper's
 # default; timm's create_model(img_size=224) gives the same tokens as the torch.hub route.
 
-DINOV2 = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+DINOV2 = {"s": ("small", 384), "b": ("base", 768), "l": ("large", 1024), "g": ("giant", 1536)}   # timm name, width
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -557,7 +557,7 @@ def dinov2_timm_name(enc_type):
     match = re.fullmatch(r"dinov2-vit-([sblg])(-reg)?", enc_type)
     if not match:
         fail(f"--enc-type '{enc_type}' is not one of dinov2-vit-{{s,b,l,g}} or dinov2-vit-{{s,b,l,g}}-reg")
-    return f"vit_{DINOV2[match[1]]}_patch14{'_reg4' if match[2] else ''}_dinov2.lvd142m"
+    return f"vit_{DINOV2[match[1]][0]}_patch14{'_reg4' if match[2] else ''}_dinov2.lvd142m"
 
 
 def load_encoder(enc_type, resolution, ckpt=None, random_weights=False, **overrides):
@@ -566,8 +566,8 @@ def load_encoder(enc_type, resolution, ckpt=None, random_weights=False, **overri
     from huggingface_hub import try_to_load_from_cache
     name = dinov2_timm_name(enc_type)
     kw = dict(img_size=resolution * 224 // 256, num_classes=0, **overrides)
-    if ckpt and not os.path.isfile(ckpt):
-        fail(f"DINOv2 weights '{ckpt}' do not exist; pass the timm model.safetensors of {name} with --enc-ckpt")
+    if ckpt:
+        need_file(ckpt, "--enc-ckpt")
     if not ckpt and not random_weights and not isinstance(try_to_load_from_cache(f"timm/{name}", "model.safetensors"),
                                                           str) and not online():
         fail(f"DINOv2 weights timm/{name} are not in the Hugging Face cache and huggingface.co cannot be "
@@ -807,7 +807,6 @@ def train_step(batches, m, args, device):
 # --smoke: tiny versions of the named models (LPIPS a quarter as wide), so that a run takes minutes on a CPU
 SMOKE = dict(sit=dict(hidden_size=64, num_heads=2, projector_dim=128), vae=dict(ch=32, num_res_blocks=1),
              encoder=dict(depth=2, embed_dim=64, num_heads=2))
-DINOV2_WIDTH = {"s": 384, "b": 768, "l": 1024, "g": 1536}
 AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # --mixed-precision: autocast on CUDA
 
 
@@ -816,6 +815,14 @@ def build_vae(args):
         return vae_models[args.vae]()
     levels = len(vae_models[args.vae].keywords["ch_mult"])   # same depth and latent, narrow: f8d4 -> (1, 1, 2, 2)
     return vae_models[args.vae](**SMOKE["vae"], ch_mult=(1,) * (levels - 2) + (2, 2))
+
+
+def load_vae(args):
+    """build_vae with the --vae-ckpt weights; without that file (--random-weights) it stays random."""
+    vae = build_vae(args)
+    if args.vae_ckpt:
+        load_state(vae, load_file(args.vae_ckpt, "--vae-ckpt"), f"--vae-ckpt '{args.vae_ckpt}'", "--vae-ckpt/--vae")
+    return vae
 
 
 def build_sit(args, z_dims, vae):
@@ -833,9 +840,7 @@ def encoder_types(args):
 
 def build(args, device):
     """Every model, optimiser and the grad scaler of a run, on `device`, as a namespace for repae_step."""
-    m = SimpleNamespace(mark=lambda phase: None, ddp=[], vae=build_vae(args))
-    if args.vae_ckpt:                                       # None only with --random-weights
-        load_state(m.vae, load_file(args.vae_ckpt, "--vae-ckpt"), f"--vae-ckpt '{args.vae_ckpt}'", "--vae-ckpt/--vae")
+    m = SimpleNamespace(mark=lambda phase: None, ddp=[], vae=load_vae(args))
     stats = args.latents_stats or (args.vae_ckpt and args.vae_ckpt.replace(".pt", "-latents-stats.pt"))
     scale, bias = load_latent_stats(stats) if stats else (torch.ones(m.vae.z_channels), torch.zeros(m.vae.z_channels))
     enc_types = encoder_types(args)
@@ -1052,7 +1057,7 @@ def data_loader(ds, args, dist_env):
 def init_distributed(deterministic=False, allow_tf32=True):
     env = lambda name, default: int(os.environ.get(name, default))     # set by torchrun
     world, rank, local_rank = env("WORLD_SIZE", 1), env("RANK", 0), env("LOCAL_RANK", 0)
-    cuda, procs, gpus = torch.cuda.is_available(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+    cuda, procs, gpus = torch.cuda.is_available(), env("LOCAL_WORLD_SIZE", 1), torch.cuda.device_count()
     if cuda and procs > gpus:
         fail(f"{procs} processes on this machine but {gpus} visible GPU(s): start one process per GPU "
              f"(torchrun --nproc_per_node={gpus}) or make more GPUs visible with CUDA_VISIBLE_DEVICES")
@@ -1080,7 +1085,7 @@ def checkpoint_gb(args):
     count = lambda module: sum(p.numel() for p in module.parameters())
     with torch.device("meta"):
         vae = build_vae(args)
-        sit = count(build_sit(args, [DINOV2_WIDTH[e.split("-")[2]] for e in encoder_types(args)], vae))
+        sit = count(build_sit(args, [DINOV2[e.split("-")[2]][1] for e in encoder_types(args)], vae))
         trained = count(vae) if args.freeze_vae else 3 * (count(vae) + count(NLayerDiscriminator()))
     return 4 * (4 * sit + trained) / 2 ** 30
 
@@ -1390,9 +1395,7 @@ def cache_latents(args):
     dist_env = init_distributed(args.deterministic, args.allow_tf32)
     ds, base, B = build_dataset(args), os.path.join(args.data_dir, args.vae_latents_name), args.pproc_batch_size
     meta, n, batches = cache_meta(ds, args), len(ds), math.ceil(len(ds) / B)
-    vae = build_vae(args)
-    load_state(vae, load_file(args.vae_ckpt, "--vae-ckpt"), f"--vae-ckpt '{args.vae_ckpt}'", "--vae-ckpt/--vae")
-    vae.to(dist_env.device).eval()
+    vae = load_vae(args).to(dist_env.device).eval()
     if os.path.exists(base + ".json") and json.load(open(base + ".json")) != meta:
         fail(f"'{base}.npy' holds the latents of another VAE, resolution or image folder; pick another "
              f"--vae-latents-name (or delete {base}.*)")
