@@ -258,6 +258,12 @@ vae_models = {
 }
 
 
+def beside(vae_ckpt, suffix):
+    """The released names of a VAE's companion files: sdvae-f8d4.pt -> sdvae-f8d4-latents-stats.pt, ...;
+    only the file's own extension is replaced, never a '.pt' in a folder name."""
+    return os.path.splitext(vae_ckpt)[0] + suffix
+
+
 def load_latent_stats(path):
     """Per-channel latent statistics saved next to a VAE checkpoint: the BatchNorm's starting point."""
     stats = load_file(path, "--latents-stats")
@@ -841,7 +847,7 @@ def encoder_types(args):
 def build(args, device):
     """Every model, optimiser and the grad scaler of a run, on `device`, as a namespace for repae_step."""
     m = SimpleNamespace(mark=lambda phase: None, ddp=[], vae=load_vae(args))
-    stats = args.latents_stats or (args.vae_ckpt and args.vae_ckpt.replace(".pt", "-latents-stats.pt"))
+    stats = args.latents_stats or (args.vae_ckpt and beside(args.vae_ckpt, "-latents-stats.pt"))
     scale, bias = load_latent_stats(stats) if stats else (torch.ones(m.vae.z_channels), torch.zeros(m.vae.z_channels))
     enc_types = encoder_types(args)
     ckpts = args.enc_ckpt.split(",") if args.enc_ckpt else [None] * len(enc_types)
@@ -1380,9 +1386,9 @@ def export_vae(args):
     os.makedirs(args.output_dir, exist_ok=True)
     torch.save(vae.state_dict(), path)
     torch.save(dict(latents_scale=var.rsqrt().view(1, -1, 1, 1), latents_bias=mean.view(1, -1, 1, 1)),
-               path.replace(".pt", "-latents-stats.pt"))
+               beside(path, "-latents-stats.pt"))
     if "discriminator" in ckpt:
-        torch.save(ckpt["discriminator"], path.replace(".pt", "-discriminator-ckpt.pt"))
+        torch.save(ckpt["discriminator"], beside(path, "-discriminator-ckpt.pt"))
     print(f"wrote {path} and its -latents-stats.pt; train a new SiT on it with --freeze-vae --vae-ckpt {path}")
 
 

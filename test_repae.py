@@ -401,7 +401,7 @@ def test_dinov2_from_timm_518px_safetensors_resamples_its_positions(published):
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
 
 
-def test_vae_latent_stats_and_discriminator_load_in_the_released_layout(published, capsys):
+def test_vae_latent_stats_and_discriminator_load_in_the_released_layout(published, capsys, tmp_path):
     args = repae.parse_args(["--model", "SiT-S/2", "--resolution", "64", "--random-weights", "--freeze-vae",
                              "--proj-coeff", "0", "--vae-ckpt", str(published / "sdvae-f8d4.pt")])
     m = repae.build(args, CPU.device)
@@ -419,6 +419,12 @@ def test_vae_latent_stats_and_discriminator_load_in_the_released_layout(publishe
             error(capsys, repae.build, args, CPU.device)
     finally:
         os.rename(published / "moved.pt", published / "sdvae-f8d4-latents-stats.pt")
+    folder = tmp_path / "weights.pt"                       # a '.pt' in a folder name is not the file's extension
+    folder.mkdir()
+    for name in ("sdvae-f8d4.pt", "sdvae-f8d4-latents-stats.pt"):
+        os.symlink(published / name, folder / name)
+    args.vae_ckpt = str(folder / "sdvae-f8d4.pt")
+    assert torch.equal(repae.build(args, CPU.device).sit.latent_stats()[1], bias)
 
 
 def test_contradictory_flags_are_refused(monkeypatch, capsys):
