@@ -451,7 +451,10 @@ def _knn_radii(x, k, chunk):
     return torch.cat(radii)
 
 
-def precision_recall(real_feats, fake_feats, k=3, device="cpu", chunk=10000):
+K = 3  # ADM's nhood_sizes=(3,)
+
+
+def precision_recall(real_feats, fake_feats, k=K, device="cpu", chunk=10000):
     """Kynkaanniemi et al. 2019: precision = share of fakes inside some real k-NN ball, recall vice versa."""
     # chunk = ADM's row/column batch size, so that the float32 fallback covers the same blocks. As in
     # ADM's evaluate_pr, one block of real (rows) x fake (columns) distances serves both directions,
@@ -492,7 +495,6 @@ def compute_metrics(metrics, samples, ref, device="cpu"):
 # one sample. Precomputed mu/sigma (ADM's reference batches) are taken as they are.
 
 NEEDS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s"), "is": ("probs",), "pr": ("pool",)}
-K = 3  # ADM's nhood_sizes=(3,)
 MIN_SAMPLES = {"fid": 2048 + 1, "sfid": 2023 + 1, "is": 1, "pr": K + 1}
 REQUIRES = {"fid": "FID needs more than 2048 samples per side (N samples give a covariance of rank N-1 at most)",
             "sfid": "sFID needs more than 2023 samples per side (2023-d spatial features)",
