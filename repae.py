@@ -801,6 +801,11 @@ def train_step(batches, m, args, device):
             x, y = b["x"].to(device, non_blocking=True), b["y"].to(device, non_blocking=True)
             moments = b["moments"].to(device, non_blocking=True) if "moments" in b else None
             logs = repae_step(x, y, m, args, moments, sync)
+    if len(batches) > 1 and dist.is_initialized() and not isinstance(m.sit.bn, nn.SyncBatchNorm):
+        # gloo has no SyncBatchNorm, and DDP broadcasts buffers only in a forward after a synced one: the last
+        # micro-batch's BN update stayed on its rank. Rank 0's, as with one micro-batch, keeps the replicas equal.
+        for buffer in [*m.sit.buffers(), *m.ema.buffers()]:
+            dist.broadcast(buffer, 0)
     return logs
 
 
@@ -1248,17 +1253,18 @@ class Monitor:
             print(msg, flush=True)
             print(msg, file=self.file, flush=True)
 
-    def after_step(self, step, logs, batch):
-        """After every update; True when a preemption signal asks the run to stop (a checkpoint is written)."""
+    def after_step(self, step, logs, micro):
+        """After every update (micro: its K batches); True when a preemption signal asks the run to stop (a checkpoint
+        is written)."""
         self.vals, self.keys = torch.stack(list(logs.values())), list(logs)
         new_bad = (self.bad_step < 0) & ~self.vals.isfinite().all()     # on the device: no host sync per step
         self.bad_step = torch.where(new_bad, step, self.bad_step)
         self.bad_vals = torch.where(new_bad, self.vals, self.vals if self.bad_vals is None else self.bad_vals)
-        self.skipped += int(batch["skipped"].sum())
+        self.skipped += sum(int(b["skipped"].sum()) for b in micro)
         if step % self.args.log_every == 0:
             self.write_metrics(step)
         if self.d.is_main and self.args.sample_every and step % self.args.sample_every == 0:
-            write_previews(self.m, batch["x"].to(self.d.device), step, self.sample_dir, self.noise, self.labels)
+            write_previews(self.m, micro[-1]["x"].to(self.d.device), step, self.sample_dir, self.noise, self.labels)
         stop = torch.tensor([float(bool(self.stop))])
         if self.d.world > 1:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.d.ctrl)
@@ -1279,14 +1285,15 @@ class Monitor:
 
     def write_metrics(self, step):
         self.check_finite()
-        vals = self.vals.clone()
+        vals, skipped = self.vals.clone(), torch.tensor(self.skipped)      # skipped: this rank's count, summed
         if self.d.world > 1:
             dist.all_reduce(vals)
+            dist.all_reduce(skipped, group=self.d.ctrl)
             vals /= self.d.world
         now, args, ema_bn = time.time(), self.args, self.m.ema.bn
         rate = (step - self.logged) / (now - self.t_log)
         rec = dict(step=step, **dict(zip(self.keys, vals.tolist())), bn_mean=ema_bn.running_mean.mean().item(),
-                   bn_var=ema_bn.running_var.mean().item(), skipped_images=self.skipped,
+                   bn_var=ema_bn.running_var.mean().item(), skipped_images=skipped.item(),
                    img_per_s=rate * args.batch_size * args.gradient_accumulation_steps, steps_per_s=rate,
                    peak_mem_gb=peak_memory_gb(self.d.device), elapsed_s=now - self.t0,
                    eta_s=(args.max_train_steps - step) / rate)
@@ -1354,7 +1361,7 @@ def main(args):
             micro.append(batch)
             if len(micro) == K:
                 step += 1
-                stopped = mon.after_step(step, train_step(micro, m, args, dist_env.device), batch)
+                stopped = mon.after_step(step, train_step(micro, m, args, dist_env.device), micro)
                 micro = []
                 if stopped or step >= args.max_train_steps:
                     break

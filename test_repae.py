@@ -569,7 +569,9 @@ def test_image_folder_adm_crop(tmp_path):
     assert repae.center_crop_arr(Image.new("RGB", (1000, 600)), 64).shape == (64, 64, 3)
 
 
-def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
+def test_two_process_gloo_run_keeps_replicas_identical_and_counts_every_skipped_image(tmp_path):
+    make_images(tmp_path / "data", 2, 8)
+    (tmp_path / "data/class1/bad.png").write_bytes(b"no png")     # 17 images: each rank draws 8 of them an epoch
     driver = tmp_path / "driver.py"
     driver.write_text(
         "import sys, torch, repae\n"
@@ -582,11 +584,15 @@ def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
         "repae.main(repae.parse_args(sys.argv[1:]))\n")
     r = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", str(driver), "--smoke", "--output-dir",
                 str(tmp_path), "--max-train-steps", "3", "--checkpointing-steps", "3", "--sample-every", "0",
-                env={"PYTHONPATH": HERE})
+                "--data-dir", str(tmp_path / "data"), "--gradient-accumulation-steps", "2", env={"PYTHONPATH": HERE})
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"smoke/checkpoints/0000003.pt.rank{i}", weights_only=True) for i in (0, 1))
     assert_same(a, b)
     assert "2 processes on cpu" in (tmp_path / "smoke/log.txt").read_text()
+    # every skip, on either rank and in either micro-batch of an update, is counted once in the log
+    rows = [json.loads(line) for line in (tmp_path / "smoke/metrics.jsonl").read_text().splitlines()]
+    warned = r.stderr.count("warning: skipped unreadable image")
+    assert warned >= 2 and rows[-1]["skipped_images"] == warned, (warned, rows[-1]["skipped_images"])
 
 
 def test_smoke_cli_end_to_end(tmp_path):
