@@ -1545,7 +1545,8 @@ def check_loss_cfg(path):
                  f"configs/l1_lpips_kl_gan.yaml ({RELEASED_LOSS_CFG}); drop the flag or change the code")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, check=True):
+    """The flags of a run; check=False: as given, with neither refusals nor derived defaults (sample.py's defaults)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     p = Parser(description="REPA-E: end-to-end training of a VAE and a latent diffusion transformer")
     a, on_off, trackers = p.add_argument, argparse.BooleanOptionalAction, "accepted: metrics go to the run folder"
@@ -1612,13 +1613,12 @@ def parse_args(argv=None):
         p.set_defaults(resolution=64, num_classes=None, batch_size=8, max_train_steps=40, checkpointing_steps=20,
                        log_every=10, sample_every=20, num_workers=0, encoder_depth=2, exp_name="smoke")
     args = p.parse_args(argv)
-    check_args(args, p)
-    return args
+    return check_args(args, p) if check else args
 
 
 def check_args(args, p):
     """Every combination that cannot work is refused here, before a model is built or a file written; the defaults
-    that depend on other flags are filled in."""
+    that depend on other flags are filled in. Returns args."""
     args.random_weights = args.random_weights or args.smoke or bool(args.benchmark)
     if args.vae_ckpt is None and not args.random_weights:
         if args.vae != "f8d4":
@@ -1635,8 +1635,8 @@ def check_args(args, p):
                                                        "cannot guide the VAE; use it with --freeze-vae (vanilla SiT)"),
         (not args.fused_attn, "--no-fused-attn selects timm's unfused attention, which computes the same values; this "
                               "implementation always uses scaled_dot_product_attention, drop the flag"),
-        (args.batch_size % world, f"--batch-size {args.batch_size} is global and not divisible by the {world} "
-                                  f"processes"),
+        (args.batch_size % world and not args.cache_latents, f"--batch-size {args.batch_size} is global and not "
+                                                             f"divisible by the {world} processes"),
         (args.resolution % 32, f"--resolution {args.resolution} must be a multiple of 32 (VAE x SiT patch x DINOv2 "
                                f"grid)"),
         (args.enc_ckpt and len(args.enc_ckpt.split(",")) != n_enc, f"--enc-ckpt must name one file per --enc-type "
@@ -1673,6 +1673,7 @@ def check_args(args, p):
     if args.resume_step:
         run = args.continue_train_exp_dir or os.path.join(args.output_dir, args.exp_name)
         args.resume = os.path.join(run, "checkpoints", f"{args.resume_step:07d}.pt")
+    return args
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def load_models(args, device, log):
         fail(f"'{args.ckpt}' has no 'ema' weights, so it is not a SiT training checkpoint; pass one saved by "
              f"repae.py or a released REPA-E checkpoint with --ckpt")
     # the run's settings: repae defaults < the checkpoint's args (official ones lack e.g. `smoke`) < flags given
-    cfg, ema = vars(repae.parse_args(["--random-weights"])), ckpt["ema"]
+    cfg, ema = vars(repae.parse_args([], check=False)), ckpt["ema"]
     cfg.update(vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {})
     cfg = argparse.Namespace(**{**cfg, **{k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}})
     # projector widths from the weights themselves, so the strict load needs no DINOv2

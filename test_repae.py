@@ -437,6 +437,9 @@ def test_contradictory_flags_are_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         repae.parse_args(["--batch-size", "3"])
     assert "not divisible" in capsys.readouterr().err
+    # --batch-size is split over the processes of training and --benchmark only: a 3-GPU latent cache is fine
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert repae.parse_args(["--cache-latents", "--vae-latents-name", "c", "--vae-ckpt", "v.pt"]).batch_size == 256
 
 
 #################################################################################
@@ -1384,9 +1387,10 @@ def test_sample_folder_npz_and_resume_regenerates_exactly_the_missing_pngs(tmp_p
     assert "other settings" in msg and "mixed_precision" in msg
 
 
-def test_sample_one_and_two_processes_give_identical_npz(tmp_path):
-    # batches are fixed index ranges drawn from per-sample seeds, so 2 processes (gloo) redraw the same
-    # floats as 1; both single-threaded, as torchrun sets OMP_NUM_THREADS=1 for its workers
+def test_sample_one_and_three_processes_give_identical_npz(tmp_path):
+    # batches are fixed index ranges drawn from per-sample seeds, so 3 processes (gloo) redraw the same
+    # floats as 1; both single-threaded, as torchrun sets OMP_NUM_THREADS=1 for its workers. Three: a
+    # world size that does not divide repae.py's default --batch-size, a training flag sampling never reads
     ckpt, _, _ = _sample_tiny(tmp_path)
     flags = ["--ckpt", ckpt, "--num-fid-samples", "6", "--pproc-batch-size", "2", "--num-steps", "4",
              "--cfg-scale", "2", "--guidance-high", "0.7"]
@@ -1398,13 +1402,13 @@ def test_sample_one_and_two_processes_give_identical_npz(tmp_path):
         torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "sample.py", *flags, "--sample-dir", str(tmp_path / "two")], cwd=HERE,
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                        "sample.py", *flags, "--sample-dir", str(tmp_path / "three")], cwd=HERE,
                        env=dict(env, OMP_NUM_THREADS="1"),
                        capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0 and "with 2 process(es)" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
-    one, two = _sample_npz(tmp_path / "one"), _sample_npz(tmp_path / "two")
-    assert one.shape == (6, 64, 64, 3) and np.array_equal(one, two)
+    assert r.returncode == 0 and "with 3 process(es)" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    one, three = _sample_npz(tmp_path / "one"), _sample_npz(tmp_path / "three")
+    assert one.shape == (6, 64, 64, 3) and np.array_equal(one, three)
 
 
 def test_sample_frozen_vae_checkpoint_equals_the_end_to_end_layout(tmp_path, capsys):
