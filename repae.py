@@ -782,6 +782,8 @@ def repae_step(x, y, m, args, moments=None, sync=True):
         loss_sit = l_diff + args.proj_coeff * l_repa
     logs["grad_norm_sit"] = optimizer_step(loss_sit, m.sit_params, m.opt, m, args, sync)
     if sync:
+        # fp16 only: one loss-scale update per step for the three optimisers (PyTorch's AMP recipe; one scale across
+        # the micro-batches), where the released code's accelerate updates it after each of the three steps.
         m.scaler.update()
         update_ema(m.ema, m.sit, args.ema_decay)            # 6. EMA of parameters and BN buffers
     m.mark("sit")
@@ -1210,7 +1212,8 @@ def save_grid(images, nrow, path):
 
 @torch.no_grad()
 def write_previews(m, x, step, sample_dir, noise, labels):
-    """EMA samples (Euler ODE, 50 steps, CFG 4.0 as the reference's previews) and VAE reconstructions."""
+    """EMA samples (Euler ODE, 50 steps, CFG 4.0: the reference's preview sampler, which it runs on the online SiT)
+    and VAE reconstructions."""
     z_n = euler_sampler(m.ema, noise, labels, num_steps=50, cfg_scale=4.0)
     images = decode_latent(m.vae, z_n, *m.ema.latent_stats())
     save_grid(images, int(math.sqrt(len(noise))), f"{sample_dir}/{step:07d}-samples.png")
