@@ -54,12 +54,13 @@ def need_file(path, flag):
         fail(f"weights file '{path}' does not exist; pass the right path with {flag}")
 
 
-def load_file(path, flag):
-    """torch.load a weights file safely; the pickled argparse.Namespace of REPA-E checkpoints is allowed."""
+def load_file(path, flag, mmap=False):
+    """torch.load a weights file safely; the pickled argparse.Namespace of REPA-E checkpoints is allowed. mmap: read
+    lazily through the page cache, so that the processes sampling from one ~12 GB checkpoint share what they read."""
     need_file(path, flag)
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file: say which and stop, never continue with it
         fail(f"could not read '{path}' ({type(e).__name__}: {str(e).splitlines()[0]}); "
              f"the file is corrupt or not a PyTorch checkpoint, replace it or pass another with {flag}")
@@ -1134,10 +1135,22 @@ def prepare_run(args):
     return run_dir, resume
 
 
+def write_atomic(path, write):
+    """write(f) into path.tmp, then rename: a crash or a full disk never leaves a truncated file (through a Python
+    file, a full disk is an OSError). Returns that error, its .tmp removed, or None."""
+    try:
+        with open(f"{path}.tmp", "wb") as f:
+            write(f)
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:
+        if os.path.lexists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        return e
+
+
 def save_checkpoint(path, m, args, step, dist_env):
-    """Official REPA-E keys plus what an exact resume needs (every rank's RNG, the grad scaler); written to a
-    temporary file, then renamed, so that a crash or a full disk never leaves a truncated checkpoint. A write
-    error stops every rank with one sentence."""
+    """Official REPA-E keys plus what an exact resume needs (every rank's RNG, the grad scaler), written atomically
+    (write_atomic); a write error stops every rank with one sentence."""
     rng = dict(cpu=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state(dist_env.device) if dist_env.device.type == "cuda" else None)
     rngs = [rng] + [None] * (dist_env.world - 1)
@@ -1150,13 +1163,8 @@ def save_checkpoint(path, m, args, step, dist_env):
         if not args.freeze_vae:
             ckpt.update(discriminator=m.disc.state_dict(), opt_vae=m.opt_vae.state_dict(),
                         opt_disc=m.opt_disc.state_dict())
-        try:
-            with open(f"{path}.tmp", "wb") as f:            # through a Python file: a full disk is an OSError
-                torch.save(ckpt, f)
-            os.replace(f"{path}.tmp", path)
-        except OSError as e:
-            if os.path.lexists(f"{path}.tmp"):
-                os.remove(f"{path}.tmp")
+        e = write_atomic(path, lambda f: torch.save(ckpt, f))
+        if e:
             error = [f"could not write checkpoint '{path}' ({e}); the earlier checkpoints are intact: free some "
                      f"space, then continue with --resume auto"]
     if dist_env.world > 1:

@@ -73,7 +73,7 @@ MODEL_FLAGS = ("model", "vae", "resolution", "num_classes", "encoder_depth", "pa
 
 def load_models(args, device, log):
     """(EMA SiT, VAE, latents scale, latents bias, run config); decode with z = z_n / scale + bias."""
-    ckpt = repae.load_file(args.ckpt, "--ckpt")
+    ckpt = repae.load_file(args.ckpt, "--ckpt", mmap=True)     # only the EMA SiT and the VAE are read
     if not isinstance(ckpt, dict) or "ema" not in ckpt:
         fail(f"'{args.ckpt}' has no 'ema' weights, so it is not a SiT training checkpoint; pass one saved by "
              f"repae.py or a released REPA-E checkpoint with --ckpt")
@@ -125,7 +125,7 @@ def draw_inputs(indices, global_seed, latent_shape, num_classes, schedule=None):
 def label_schedule(args, num_classes):
     """None (uniform labels from each sample's generator), exactly N / num_classes per class in a
     seeded order (--balanced), or the --class-labels of a grid."""
-    labels = torch.tensor([int(c) for c in args.class_labels.split(",")]) if args.class_labels else None
+    labels = torch.tensor(args.class_labels) if args.class_labels else None
     if labels is not None and (labels.min() < 0 or labels.max() >= num_classes):
         fail(f"--class-labels must lie in [0, {num_classes - 1}], the model's classes")
     if not args.balanced:
@@ -169,13 +169,21 @@ def sample_folder(args):
                                          f"-seed{args.global_seed}-{what}")
 
 
+def save(path, write):
+    """repae.write_atomic, and a write error (a full disk) stops with one sentence, exit status 1: what was written
+    before it is kept, and the same command continues."""
+    e = repae.write_atomic(path, write)
+    if e:
+        fail(f"could not write '{path}' ({e}); the samples written so far are kept: free some space, then run the "
+             f"same command again", code=1)
+
+
 def write_npz(sample_dir, n):
-    """<sample_dir>.npz from its n PNGs: arr_0, (N, H, W, 3) uint8, the ADM format; written, then renamed."""
+    """<sample_dir>.npz from its n PNGs: arr_0, (N, H, W, 3) uint8, the ADM format."""
     arr = np.empty((n, *np.asarray(Image.open(f"{sample_dir}/000000.png")).shape), dtype=np.uint8)   # 9.8 GB at 50k
     for i in range(n):
         arr[i] = np.asarray(Image.open(f"{sample_dir}/{i:06d}.png"))
-    np.savez(f"{sample_dir}.tmp.npz", arr_0=arr)
-    os.replace(f"{sample_dir}.tmp.npz", f"{sample_dir}.npz")
+    save(f"{sample_dir}.npz", lambda f: np.savez(f, arr_0=arr))
     return f"{sample_dir}.npz {arr.shape}"
 
 
@@ -201,7 +209,7 @@ def main(args):
         images = torch.from_numpy(gen(range(len(schedule)))).permute(0, 3, 1, 2)
         grid = torchvision.utils.make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2)
         os.makedirs(os.path.dirname(os.path.abspath(sample_dir)), exist_ok=True)
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f"{sample_dir}.png")
+        save(f"{sample_dir}.png", lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
         return log(f"saved {sample_dir}.png")
 
     n, b, work = args.num_fid_samples, args.pproc_batch_size, [None, None]        # (refusal, todo) from rank 0
@@ -216,8 +224,7 @@ def main(args):
                        f"pass another --sample-dir")
         else:
             os.makedirs(sample_dir, exist_ok=True)
-            with open(saved, "w") as f:
-                json.dump(settings, f, indent=2)
+            save(saved, lambda f: f.write(json.dumps(settings, indent=2).encode()))
             # A batch with any PNG missing is redrawn whole: same batch, same floats, same PNGs.
             work[1] = [list(range(s, min(s + b, n))) for s in range(0, n, b)
                        if not all(os.path.exists(png(i)) for i in range(s, min(s + b, n)))]
@@ -233,8 +240,7 @@ def main(args):
     for indices in todo[rank::world]:
         for i, image in zip(indices, gen(indices)):
             if not os.path.exists(png(i)):                   # kept PNGs are never rewritten
-                Image.fromarray(image).save(png(i) + ".tmp", format="PNG")
-                os.replace(png(i) + ".tmp", png(i))          # an interrupted write leaves no truncated PNG
+                save(png(i), lambda f: Image.fromarray(image).save(f, format="PNG"))
         done += len(indices)
         rate = done * world / (time.time() - t0)            # rank 0's pace times the processes
         log(f"{min(done * world, total)}/{total} drawn, {rate:.2f} images/s, "
@@ -254,6 +260,10 @@ def main(args):
 # Flag names of the official REPA-E generate.py. Model settings default to the checkpoint's args.
 # Defaults: the paper's evaluation sampler (SDE, 250 steps) without guidance.
 
+def class_labels(text):                                     # argparse: "invalid class_labels value: '1,2,'"
+    return [int(c) for c in text.split(",")]
+
+
 def parse_args(argv=None):
     p = repae.Parser(description="Sample a REPA-E / SiT checkpoint to PNGs and an ADM .npz")
     a = p.add_argument
@@ -265,7 +275,7 @@ def parse_args(argv=None):
     a("--sample-dir", default="samples", help="parent of the PNG folder <run>-<step>-<settings> and its .npz")
     a("--num-fid-samples", type=repae.at_least(1), default=50_000)
     a("--pproc-batch-size", type=repae.at_least(1), default=128, help="batch per process")
-    a("--global-seed", type=int, default=0)
+    a("--global-seed", type=repae.at_least(0), default=0)
     a("--mode", default="sde", choices=["ode", "sde"])
     a("--num-steps", type=repae.at_least(1), default=250)
     a("--heun", action=argparse.BooleanOptionalAction, default=False, help="Heun correction (ODE only)")
@@ -273,7 +283,7 @@ def parse_args(argv=None):
     a("--guidance-low", type=float, default=0.0)
     a("--guidance-high", type=float, default=1.0, help="paper: 0.65 (SD-VAE SiT-XL/2), 0.75 (E2E-VA-VAE)")
     a("--balanced", action="store_true", help="exactly N / num_classes samples of each class")
-    a("--class-labels", default=None, help="comma-separated classes of a --grid figure, one image each")
+    a("--class-labels", type=class_labels, help="comma-separated classes of a --grid figure, one image each")
     a("--grid", action="store_true", help="write one PNG grid of --class-labels instead of the FID folder")
     a("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="SiT autocast on CUDA (CPU: fp32)")
     a("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA, as generate.py")

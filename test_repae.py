@@ -1380,6 +1380,11 @@ def test_sample_folder_npz_and_resume_regenerates_exactly_the_missing_pngs(tmp_p
     for n in (names[1], names[4]):
         (folder / n).unlink()
     os.remove(f"{folder}.npz")
+    for full in (folder / f"{names[1]}.tmp", out / f"{folder.name}.npz.tmp"):   # a full disk at a PNG, at the .npz
+        os.symlink("/dev/full", full)
+        msg = error(capsys, _sample_run, ckpt, out, code=1)
+        assert "could not write" in msg and "No space left on device" in msg and "same command again" in msg
+        assert not os.path.lexists(full) and not os.path.exists(f"{folder}.npz")
     again = _sample_run(ckpt, out)
     assert all((folder / n).read_bytes() == data[n] for n in names) and np.array_equal(again, arr)
     assert all((folder / n).stat().st_mtime_ns == mtimes[n] for n in names if n not in (names[1], names[4]))
@@ -1462,6 +1467,8 @@ def test_sample_grid_and_refusals(tmp_path, capsys):
     # tile k depends on its own label and seed only: changing label 1 changes tile 1, not tile 0
     assert np.array_equal(a[2:66, 2:66], b[2:66, 2:66]) and not np.array_equal(a[2:66, 68:132], b[2:66, 68:132])
     assert "lie in" in error(capsys, sample.main, args("1,10"))
+    assert "invalid class_labels value: '1,2,'" in error(capsys, args, "1,2,")      # one line, before any model
+    assert "--global-seed: must be at least 0" in error(capsys, sample.parse_args, ["--ckpt", ckpt, "--global-seed", "-1"])
     no_ema = tmp_path / "no_ema.pt"
     torch.save(dict(model=torch.load(ckpt, weights_only=False)["model"]), no_ema)
     assert "no 'ema'" in error(capsys, _sample_run, str(no_ema), tmp_path / "x")
