@@ -1256,7 +1256,7 @@ class Monitor:
         g, latent = torch.Generator().manual_seed(args.seed), args.resolution // m.vae.factor   # fixed previews
         self.noise = torch.randn(16, m.sit.in_channels, latent, latent, generator=g).to(dist_env.device)
         self.labels = torch.randint(0, args.num_classes, (16,), generator=g).to(dist_env.device)
-        self.bad_step, self.bad_vals = torch.full((), -1, device=dist_env.device), None
+        self.bad_step, self.bad_vals, self.checked = torch.full((), -1, device=dist_env.device), None, None
         self.t0 = self.t_log = time.time()
 
     def log(self, msg):
@@ -1268,7 +1268,11 @@ class Monitor:
         """After every update (micro: its K batches); True when a preemption signal asks the run to stop (a checkpoint
         is written)."""
         self.vals, self.keys = torch.stack(list(logs.values())), list(logs)
-        new_bad = (self.bad_step < 0) & ~self.vals.isfinite().all()     # on the device: no host sync per step
+        if self.checked is None:        # fp16: an overflowing gradient is the grad scaler's (it skips that update)
+            fp16 = self.m.scaler.is_enabled()
+            self.checked = torch.tensor([not (fp16 and k.startswith("grad_norm")) for k in self.keys],
+                                        device=self.d.device)
+        new_bad = (self.bad_step < 0) & ~(self.vals.isfinite() | ~self.checked).all()   # on the device: no host sync
         self.bad_step = torch.where(new_bad, step, self.bad_step)
         self.bad_vals = torch.where(new_bad, self.vals, self.vals if self.bad_vals is None else self.bad_vals)
         self.skipped += sum(int(b["skipped"].sum()) for b in micro)
@@ -1414,11 +1418,11 @@ def export_vae(args):
 def cache_latents(args):
     """--cache-latents: one pass over --data-dir that stores every image's posterior moments cat(mean, std) as the
     released cache_latents.py, here in <data-dir>/<name>.npy (float32 (N, 2C, h, w), a memmap) with <name>.json (what
-    made it) and <name>.done.npy (one flag per batch). Each process fills its share of batches; a rerun skips the
-    batches already done, so a killed pass resumes."""
+    made it) and <name>.done.npy (one flag per image). Each process fills its share of batches; a rerun, with any
+    --pproc-batch-size, redoes only the batches that hold an image not done, so a killed pass resumes."""
     dist_env = init_distributed(args.deterministic, args.allow_tf32)
     ds, base, B = build_dataset(args), os.path.join(args.data_dir, args.vae_latents_name), args.pproc_batch_size
-    meta, n, batches = cache_meta(ds, args), len(ds), math.ceil(len(ds) / B)
+    meta, n = cache_meta(ds, args), len(ds)
     vae = load_vae(args).to(dist_env.device).eval()
     if os.path.exists(base + ".json") and json.load(open(base + ".json")) != meta:
         fail(f"'{base}.npy' holds the latents of another VAE, resolution or image folder; pick another "
@@ -1426,13 +1430,13 @@ def cache_latents(args):
     if dist_env.is_main and not os.path.exists(base + ".json"):
         h = args.resolution // vae.factor
         np.lib.format.open_memmap(base + ".npy", "w+", np.float32, (n, 2 * vae.z_channels, h, h)).flush()
-        np.lib.format.open_memmap(base + ".done.npy", "w+", np.uint8, (batches,)).flush()
+        np.lib.format.open_memmap(base + ".done.npy", "w+", np.uint8, (n,)).flush()
         with open(base + ".json", "w") as f:
             json.dump(meta, f)
     if dist_env.world > 1:
         dist.barrier(group=dist_env.ctrl)
     moments, done = np.load(base + ".npy", mmap_mode="r+"), np.load(base + ".done.npy", mmap_mode="r+")
-    todo = [b for b in range(dist_env.rank, batches, dist_env.world) if not done[b]]
+    todo = [b for b in range(dist_env.rank, math.ceil(n / B), dist_env.world) if not done[b * B:b * B + B].all()]
     loader = torch.utils.data.DataLoader(ds, B, sampler=[i for b in todo for i in range(b * B, min(n, b * B + B))],
                                          num_workers=args.num_workers, pin_memory=dist_env.device.type == "cuda")
     t0 = time.time()
@@ -1440,7 +1444,7 @@ def cache_latents(args):
         q = vae.encode(batch["x"].to(dist_env.device).float() / 127.5 - 1)
         moments[b * B:b * B + len(batch["x"])] = torch.cat([q.mean, q.std], 1).cpu().numpy()
         moments.flush()
-        done[b] = 1                                         # flagged only once its rows are on disk
+        done[b * B:b * B + len(batch["x"])] = 1             # flagged only once its rows are on disk
         done.flush()
         if dist_env.is_main and (k % 50 == 0 or k == len(todo)):
             print(f"cached {k}/{len(todo)} batches of this process, {k * B / (time.time() - t0):.1f} images/s",
@@ -1617,7 +1621,7 @@ def parse_args(argv=None, check=True):
     a("--smoke", action="store_true", help="tiny random-weight models on procedural images (or --data-dir): a check")
     a("--export-vae", metavar="CKPT", help="write the tuned VAE of a REPA-E checkpoint to --output-dir")
     a("--cache-latents", action="store_true", help="store the posterior of every --data-dir image, then stop")
-    a("--pproc-batch-size", type=at_least(1), help="images per process and batch of --cache-latents")
+    a("--pproc-batch-size", type=at_least(1), help="images per process and batch of --cache-latents; default 128")
     a("--benchmark", type=at_least(0), default=0, metavar="N", help="time N steps on synthetic data, random weights")
     a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for the MFU of --benchmark")
     if "--smoke" in argv:                                   # its defaults; flags given still win
@@ -1672,6 +1676,8 @@ def check_args(args, p):
         say("note", "--report-to, --logging-dir and --wandb-history-path are accepted, but this implementation has no "
                     "experiment trackers: metrics go to the run folder's metrics.jsonl and log.txt; the run continues")
     args.output_dir = args.output_dir or "exps"
+    if args.cache_latents and args.pproc_batch_size is None:
+        args.pproc_batch_size = 128                         # the released cache_latents.py's default
     if args.data_dir is None and (args.cache_latents or not args.smoke):
         args.data_dir = "data"                              # the released scripts' default
     if args.num_classes is None:                            # --smoke: the classes of --data-dir, else 10

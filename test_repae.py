@@ -530,6 +530,26 @@ def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path, monkeyp
     assert "no checkpoint was written before it" in msg and os.listdir(tmp_path / "b/smoke/checkpoints") == []
 
 
+def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler_not_a_stop(tmp_path, monkeypatch, capsys):
+    """--mixed-precision fp16, by its CPU stand-in: the loss scale a long run reaches by doubling (here from the start)
+    overflows the gradients; GradScaler skips those updates and halves its scale, and the run goes on. A non-finite
+    loss still stops it."""
+    build = repae.build
+
+    def fp16(args, device):
+        m = build(args, device)
+        m.amp_dtype, m.scaler = torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)
+        return m
+    monkeypatch.setattr(repae, "build", fp16)
+    run = train(tmp_path, "--max-train-steps", "3", "--checkpointing-steps", "3", "--log-every", "1")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert not math.isfinite(rows[0]["grad_norm_sit"]) and all(math.isfinite(r["l_diff"]) for r in rows)
+    assert load_ckpt(run / "checkpoints/0000003.pt")["scaler"]["scale"] < 2.0 ** 100
+    step = repae.repae_step
+    monkeypatch.setattr(repae, "repae_step", lambda *a: {**step(*a), "l_diff": torch.tensor(float("nan"))})
+    assert "non-finite loss or gradient at step 1: " in error(capsys, train, tmp_path / "b", code=1)
+
+
 def make_images(folder, classes=2, per_class=4, size=(80, 70)):
     for c in range(classes):
         os.makedirs(folder / f"class{c}", exist_ok=True)
@@ -1013,13 +1033,17 @@ def test_latent_cache_holds_the_posterior_resumes_and_trains_like_the_encoder(tm
     ds = repae.ImageFolder(str(d), 64)
     with torch.no_grad():
         q = vae.encode(torch.stack([ds[i]["x"] for i in range(8)]).float() / 127.5 - 1)
-    assert moments.shape == (8, 8, 8, 8) and done.tolist() == [1, 1, 1]           # 3 batches of 3, 3, 2 images
+    assert moments.shape == (8, 8, 8, 8) and done.tolist() == [1] * 8              # one flag per image
     np.testing.assert_allclose(moments, torch.cat([q.mean, q.std], 1).numpy(), rtol=1e-5, atol=1e-6)
-    cached = np.load(d / "lat.npy", mmap_mode="r+")          # a pass killed after batch 0: batches 1, 2 redone
-    cached[3:] = 0
-    np.lib.format.open_memmap(d / "lat.done.npy", "r+")[1:] = 0
+    cached = np.load(d / "lat.npy", mmap_mode="r+")          # a pass killed after batch 0: batches 1, 2 redone,
+    cached[3:] = 0                                          # with the default --pproc-batch-size or another one
+    np.lib.format.open_memmap(d / "lat.done.npy", "r+")[3:] = 0
     del cached
-    repae.cache_latents(smoke_args("--cache-latents", "--pproc-batch-size", "3", *flags))
+    repae.cache_latents(smoke_args("--cache-latents", *flags))
+    np.testing.assert_array_equal(np.load(d / "lat.npy"), moments)
+    np.lib.format.open_memmap(d / "lat.npy", "r+")[5:] = 0
+    np.lib.format.open_memmap(d / "lat.done.npy", "r+")[5:] = 0
+    repae.cache_latents(smoke_args("--cache-latents", "--pproc-batch-size", "2", *flags))
     np.testing.assert_array_equal(np.load(d / "lat.npy"), moments)
     # training from the cache never runs the encoder and gives the encoder path's losses for the same draws
     args = smoke_args("--batch-size", "4", *flags)
