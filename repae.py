@@ -940,6 +940,9 @@ def center_crop_arr(image, size):
     return arr[top:top + size, left:left + size]
 
 
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)     # PIL: unidentified, truncated, corrupt or huge
+
+
 def load_image(path, size):
     with Image.open(path) as image:
         image = image.convert("RGB")
@@ -959,7 +962,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
             try:
                 x = load_image(self.samples[j][0], self.size)
                 break
-            except (OSError, ValueError) as e:              # PIL: unidentified, truncated or corrupt file
+            except UNREADABLE as e:
                 print(f"{os.path.basename(sys.argv[0])}: warning: skipped unreadable image '{self.samples[j][0]}' "
                       f"({e})", file=sys.stderr, flush=True)
         item = dict(x=x, y=self.targets[j], skipped=j != i)
@@ -1007,7 +1010,7 @@ def build_dataset(args):
              f"for --num-classes {args.num_classes}; it needs images, and no more classes than that")
     try:
         load_image(ds.samples[0][0], args.resolution)
-    except (OSError, ValueError) as e:
+    except UNREADABLE as e:
         fail(f"cannot read the first image '{ds.samples[0][0]}' ({e}); check that --data-dir holds image files")
     if cache:
         check_latent_cache(ds, args)
@@ -1121,6 +1124,9 @@ def prepare_run(args):
     resume = (os.path.join(ckpt_dir, found[-1]) if found else None) if args.resume == "auto" else args.resume
     if resume and not os.path.isfile(resume):
         fail(f"checkpoint '{resume}' does not exist; name an existing one with --resume or --resume-step")
+    if found and os.path.abspath(resume) != os.path.abspath(os.path.join(ckpt_dir, found[-1])):
+        fail(f"'{run_dir}' holds a run with checkpoints up to {found[-1]}; continuing it from '{resume}' would mix two "
+             f"histories: continue it with --resume auto, or start from '{resume}' with a new --exp-name")
     parent = run_dir
     while not os.path.isdir(parent):
         if os.path.exists(parent):
@@ -1233,9 +1239,9 @@ def write_previews(m, x, step, sample_dir, noise, labels):
 class Monitor:
     """The periodic work of a run, kept out of the training loop: log.txt and metrics.jsonl (values leave the device
     only at log steps), the non-finite check, EMA previews, checkpoints, and the preemption signals."""
-    def __init__(self, args, dist_env, run_dir, m, step):
-        self.args, self.d, self.m, self.step0, self.saved, self.logged, self.skipped = \
-            args, dist_env, m, step, step, step, 0
+    def __init__(self, args, dist_env, run_dir, m, step, last):
+        self.args, self.d, self.m, self.step0, self.last, self.saved, self.logged, self.skipped = \
+            args, dist_env, m, step, last, step, step, 0
         self.ckpt_dir, self.sample_dir = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "samples")
         self.metrics = os.path.join(run_dir, "metrics.jsonl")
         if dist_env.is_main:
@@ -1311,7 +1317,7 @@ class Monitor:
                    bn_var=ema_bn.running_var.mean().item(), skipped_images=skipped.item(),
                    img_per_s=rate * args.batch_size * args.gradient_accumulation_steps, steps_per_s=rate,
                    peak_mem_gb=peak_memory_gb(self.d.device), elapsed_s=now - self.t0,
-                   eta_s=(args.max_train_steps - step) / rate)
+                   eta_s=(self.last - step) / rate)
         self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
         if self.d.is_main:
             with open(self.metrics, "a") as f:
@@ -1352,13 +1358,15 @@ def main(args):
     dataset = build_dataset(args)
     run_dir, resume = prepare_run(args)
     m, step, exact = setup(args, dist_env, resume)
-    if step >= args.max_train_steps:
-        say("note", f"'{resume}' is at step {step}: --max-train-steps {args.max_train_steps} is reached, nothing to do")
+    loader, K = data_loader(dataset, args, dist_env), args.gradient_accumulation_steps
+    last = min(args.max_train_steps, args.epochs * (len(loader) // K))   # whichever limit comes first
+    if step >= last:
+        say("note", f"'{resume}' is at step {step}, the last of --max-train-steps {args.max_train_steps} and --epochs "
+                    f"{args.epochs}: nothing to do")
         return
     if args.compile:
         compile_blocks(m)
-    loader, K = data_loader(dataset, args, dist_env), args.gradient_accumulation_steps
-    mon = Monitor(args, dist_env, run_dir, m, step)
+    mon = Monitor(args, dist_env, run_dir, m, step, last)
     mon.log(f"SiT parameters: {sum(p.numel() for p in m.sit.parameters()):,} ({'smoke-size ' * args.smoke}"
             f"{args.model}); VAE: {sum(p.numel() for p in m.vae.parameters()):,}; {len(dataset):,} "
             f"{'procedural smoke' if isinstance(dataset, SmokeImages) else 'training'} images; {dist_env.world} "
@@ -1368,7 +1376,7 @@ def main(args):
         mon.log(f"resumed from {resume} at step {step}" + ("" if exact else " (other world size: not bitwise)"))
     epoch, start = divmod(step, len(loader) // K)
     stopped = False
-    while not stopped and step < args.max_train_steps and epoch < args.epochs:
+    while not stopped and step < last:
         loader.sampler.set_epoch(epoch)
         loader.sampler.start = start * K * loader.batch_size
         micro = []
@@ -1378,7 +1386,7 @@ def main(args):
                 step += 1
                 stopped = mon.after_step(step, train_step(micro, m, args, dist_env.device), micro)
                 micro = []
-                if stopped or step >= args.max_train_steps:
+                if stopped or step >= last:
                     break
         epoch, start = epoch + 1, 0
     mon.finish(step, stopped)
@@ -1405,6 +1413,8 @@ def export_vae(args):
     load_state(vae, ckpt["vae"], f"the VAE in '{args.export_vae}'", "--export-vae")
     var, mean = ckpt["ema"]["bn.running_var"], ckpt["ema"]["bn.running_mean"]
     path = os.path.join(args.output_dir, f"e2e-{run.vae}-{ckpt.get('steps', 0):07d}.pt")
+    if os.path.exists(path):
+        fail(f"'{path}' already exists (an earlier export, maybe of another run); pass another --output-dir")
     os.makedirs(args.output_dir, exist_ok=True)
     torch.save(vae.state_dict(), path)
     torch.save(dict(latents_scale=var.rsqrt().view(1, -1, 1, 1), latents_bias=mean.view(1, -1, 1, 1)),

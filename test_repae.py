@@ -573,14 +573,17 @@ def test_data_errors_are_found_before_anything_is_written(tmp_path, capsys):
         assert not out.exists()                             # a refused run leaves no folder behind
 
 
-def test_a_broken_image_mid_run_is_skipped_named_and_counted(tmp_path, capsys):
+def test_a_broken_image_mid_run_is_skipped_named_and_counted(tmp_path, capsys, monkeypatch):
     d = tmp_path / "data"
     make_images(d, 2, 4)
     (d / "class1" / "bad.png").write_bytes(b"no png")       # sorted after 0.png ... 3.png: not the first image
+    Image.new("RGB", (200, 200)).save(d / "class1" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40,000 pixels: PIL's DecompressionBombError
     run = train(tmp_path, "--data-dir", str(d), "--max-train-steps", "4", "--log-every", "4", "--batch-size", "4")
-    assert "warning: skipped unreadable image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: skipped unreadable image" in err and "huge.png' (Image size (40000 pixels) exceeds" in err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 4 and rows[-1]["skipped_images"] >= 1       # 9 images, 8 per epoch: seen once at least
+    assert rows[-1]["step"] == 4 and rows[-1]["skipped_images"] >= 1       # 10 images, 8 per epoch: seen once at least
     assert load_ckpt(run / "checkpoints/0000004.pt")["steps"] == 4
 
 
@@ -672,6 +675,7 @@ def test_resume_step_epochs_and_qk_norm_keep_their_released_meaning(tmp_path):
     assert sorted(os.listdir(other / "checkpoints")) == ["0000003.pt"]
     one_epoch = train(tmp_path / "c", "--epochs", "1", "--max-train-steps", "10", "--max-images", "16")
     assert sorted(os.listdir(one_epoch / "checkpoints")) == ["0000002.pt"]     # 16 images, batch 8: 2 steps
+    assert json.loads((one_epoch / "metrics.jsonl").read_text().splitlines()[-1])["eta_s"] == 0    # the end is step 2
     sit = repae.build_sit(smoke_args("--qk-norm"), [16], repae.build_vae(smoke_args()))
     assert sit.state_dict()["blocks.0.attn.q_norm.weight"].shape == (32,)        # timm's keys: a LayerNorm per head dim
 
@@ -773,7 +777,12 @@ def test_a_rerun_never_changes_an_earlier_run(tmp_path, capsys):
     assert "already holds a run with checkpoints up to 0000002.pt; continue it with --resume auto, or start " \
            "another with a new --exp-name" in msg and snapshot(run) == before
     train(tmp_path, "--max-train-steps", "2", "--resume", "auto")                  # nothing to do: says so
-    assert "is at step 2: --max-train-steps 2 is reached, nothing to do" in capsys.readouterr().err
+    assert "is at step 2, the last of --max-train-steps 2 and --epochs 1400: nothing to do" in capsys.readouterr().err
+    assert snapshot(run) == before
+    train(tmp_path, "--max-train-steps", "4", "--checkpointing-steps", "2", "--resume", "auto")   # checkpoints 2, 4
+    before = snapshot(run)                                  # going back to 2 there would drop 3, 4 and keep 4.pt
+    msg = error(capsys, train, tmp_path, "--max-train-steps", "6", "--resume-step", "2")
+    assert "holds a run with checkpoints up to 0000004.pt; continuing it from" in msg and "with a new --exp-name" in msg
     assert snapshot(run) == before
 
 
@@ -978,7 +987,7 @@ def test_vae_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def test_export_vae_round_trip(tmp_path):
+def test_export_vae_round_trip(tmp_path, capsys):
     torch.manual_seed(0)
     vae = repae.vae_models["f8d4"]()
     sit = repae.SiT_models["SiT-S/2"](input_size=8, z_dims=(16,), encoder_depth=2)
@@ -993,6 +1002,10 @@ def test_export_vae_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), vae.state_dict().values()))
     scale, bias = repae.load_latent_stats(str(tmp_path / "out/e2e-f8d4-0400000-latents-stats.pt"))
     assert torch.equal(scale, sit.bn.running_var.rsqrt()) and torch.equal(bias, sit.bn.running_mean)
+    exported = (tmp_path / "out/e2e-f8d4-0400000.pt").read_bytes()   # another export there never overwrites it
+    argv = ["--export-vae", str(tmp_path / "0400000.pt"), "--output-dir", str(tmp_path / "out")]
+    assert "already exists" in error(capsys, repae.export_vae, repae.parse_args(argv))
+    assert (tmp_path / "out/e2e-f8d4-0400000.pt").read_bytes() == exported
     del official["vae"]
     torch.save(official, tmp_path / "ldm.pt")
     r = run_cli("repae.py", "--export-vae", str(tmp_path / "ldm.pt"))
