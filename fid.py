@@ -239,7 +239,8 @@ class _NpzStream(torch.utils.data.IterableDataset):
 def _npz_images(path, headers):
     shape, dtype, fortran, offset, start = headers["arr_0"]
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
-        raise InputError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {shape}.")
+        order = " in Fortran order; save it as np.ascontiguousarray(arr_0)" if fortran else ""
+        raise InputError(f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3), got {dtype} {shape}{order}.")
     if shape[0] < 1:
         raise InputError(f"{path} holds no images in arr_0.")
 

@@ -1663,6 +1663,7 @@ def test_fid_folder_and_npz_read_the_same_images(tmp_path):
     (np.zeros((4, 8, 8), np.uint8), "shape"),
     (np.zeros((4, 8, 8, 4), np.uint8), "shape"),
     (np.zeros((0, 8, 8, 3), np.uint8), "no images"),
+    (np.asfortranarray(np.zeros((4, 8, 8, 3), np.uint8)), r"got uint8 \(4, 8, 8, 3\) in Fortran order; save it as"),
 ])
 def test_fid_bad_npz_images(tmp_path, array, message):
     np.savez(tmp_path / "x.npz", arr_0=array)
