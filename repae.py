@@ -51,7 +51,8 @@ def fail(msg, code=2):
 
 def need_file(path, flag):
     if not path or not os.path.isfile(path):
-        fail(f"weights file '{path}' does not exist; pass the right path with {flag}")
+        what = "is a folder, not a file" if path and os.path.isdir(path) else "does not exist"
+        fail(f"weights file '{path}' {what}; pass the right path with {flag}")
 
 
 def load_file(path, flag, mmap=False):
@@ -265,12 +266,16 @@ def beside(vae_ckpt, suffix):
     return os.path.splitext(vae_ckpt)[0] + suffix
 
 
-def load_latent_stats(path):
+def load_latent_stats(path, channels):
     """Per-channel latent statistics saved next to a VAE checkpoint: the BatchNorm's starting point."""
     stats = load_file(path, "--latents-stats")
     if not {"latents_scale", "latents_bias"} <= set(stats):
         fail(f"'{path}' has no latents_scale/latents_bias; pass the VAE's -latents-stats.pt with --latents-stats")
-    return stats["latents_scale"].flatten().float(), stats["latents_bias"].flatten().float()
+    scale, bias = stats["latents_scale"].flatten().float(), stats["latents_bias"].flatten().float()
+    if len(scale) != channels or len(bias) != channels:
+        fail(f"'{path}' holds the statistics of {len(scale)} latent channels, but the VAE has {channels}; pass this "
+             f"VAE's -latents-stats.pt with --latents-stats")
+    return scale, bias
 
 
 #################################################################################
@@ -579,15 +584,23 @@ def load_encoder(enc_type, resolution, ckpt=None, random_weights=False, **overri
                                                           str) and not online():
         fail(f"DINOv2 weights timm/{name} are not in the Hugging Face cache and huggingface.co cannot be "
              f"reached; download model.safetensors once elsewhere and pass it with --enc-ckpt")
-    enc = timm.create_model(name, pretrained=not random_weights or bool(ckpt), **kw,
-                            **(dict(pretrained_cfg_overlay=dict(file=ckpt)) if ckpt else {}))
+    try:
+        enc = timm.create_model(name, pretrained=not random_weights or bool(ckpt), **kw,
+                                **(dict(pretrained_cfg_overlay=dict(file=ckpt)) if ckpt else {}))
+    except Exception as e:                                  # a local file of another model, or not a weights file
+        if not ckpt:
+            raise
+        fail(f"could not load '{ckpt}' as {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); --enc-ckpt "
+             f"names one model.safetensors per --enc-type, in the same order")
     return enc.eval().requires_grad_(False)
 
 
 def online():
     """Checked before a hub call because timm's hub client retries for about a minute when offline."""
-    if os.environ.get("HF_HUB_OFFLINE"):
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):   # as huggingface_hub reads it
         return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):    # only the hub client can try the proxy
+        return True
     try:
         socket.create_connection(("huggingface.co", 443), timeout=3.0).close()
         return True
@@ -835,7 +848,11 @@ def load_vae(args):
     """build_vae with the --vae-ckpt weights; without that file (--random-weights) it stays random."""
     vae = build_vae(args)
     if args.vae_ckpt:
-        load_state(vae, load_file(args.vae_ckpt, "--vae-ckpt"), f"--vae-ckpt '{args.vae_ckpt}'", "--vae-ckpt/--vae")
+        state = load_file(args.vae_ckpt, "--vae-ckpt")
+        if "vae" in state and "ema" in state:
+            fail(f"--vae-ckpt '{args.vae_ckpt}' is a REPA-E training checkpoint; write its VAE with --export-vae "
+                 f"{args.vae_ckpt} and pass the written e2e-*.pt with --vae-ckpt")
+        load_state(vae, state, f"--vae-ckpt '{args.vae_ckpt}'", "--vae-ckpt/--vae")
     return vae
 
 
@@ -856,7 +873,8 @@ def build(args, device):
     """Every model, optimiser and the grad scaler of a run, on `device`, as a namespace for repae_step."""
     m = SimpleNamespace(mark=lambda phase: None, ddp=[], vae=load_vae(args))
     stats = args.latents_stats or (args.vae_ckpt and beside(args.vae_ckpt, "-latents-stats.pt"))
-    scale, bias = load_latent_stats(stats) if stats else (torch.ones(m.vae.z_channels), torch.zeros(m.vae.z_channels))
+    c = m.vae.z_channels
+    scale, bias = load_latent_stats(stats, c) if stats else (torch.ones(c), torch.zeros(c))
     enc_types = encoder_types(args)
     ckpts = args.enc_ckpt.split(",") if args.enc_ckpt else [None] * len(enc_types)
     m.encoders = [load_encoder(e, args.resolution, c, args.random_weights, **(SMOKE["encoder"] if args.smoke else {}))
@@ -1142,13 +1160,13 @@ def prepare_run(args):
 
 
 def write_atomic(path, write):
-    """write(f) into path.tmp, then rename: a crash or a full disk never leaves a truncated file (through a Python
-    file, a full disk is an OSError). Returns that error, its .tmp removed, or None."""
+    """write(f) into path.tmp, then rename: a crash or a full disk never leaves a truncated file. A full disk is an
+    OSError, or torch.save's RuntimeError when it fills mid-file. Returns that error, its .tmp removed, or None."""
     try:
         with open(f"{path}.tmp", "wb") as f:
             write(f)
         os.replace(f"{path}.tmp", path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         if os.path.lexists(f"{path}.tmp"):
             os.remove(f"{path}.tmp")
         return e
@@ -1416,11 +1434,14 @@ def export_vae(args):
     if os.path.exists(path):
         fail(f"'{path}' already exists (an earlier export, maybe of another run); pass another --output-dir")
     os.makedirs(args.output_dir, exist_ok=True)
-    torch.save(vae.state_dict(), path)
-    torch.save(dict(latents_scale=var.rsqrt().view(1, -1, 1, 1), latents_bias=mean.view(1, -1, 1, 1)),
-               beside(path, "-latents-stats.pt"))
+    stats = dict(latents_scale=var.rsqrt().view(1, -1, 1, 1), latents_bias=mean.view(1, -1, 1, 1))
+    files = [(beside(path, "-latents-stats.pt"), stats), (path, vae.state_dict())]   # the VAE last: a whole export
     if "discriminator" in ckpt:
-        torch.save(ckpt["discriminator"], beside(path, "-discriminator-ckpt.pt"))
+        files.insert(0, (beside(path, "-discriminator-ckpt.pt"), ckpt["discriminator"]))
+    for file, obj in files:
+        e = write_atomic(file, lambda f: torch.save(obj, f))
+        if e:
+            fail(f"could not write '{file}' ({e}); free some space and export again", code=1)
     print(f"wrote {path} and its -latents-stats.pt; train a new SiT on it with --freeze-vae --vae-ckpt {path}")
 
 
@@ -1674,7 +1695,12 @@ def check_args(args, p):
          "--cache-latents writes <data-dir>/<name>.npy next to the images, where training reads it: it needs "
          "--vae-latents-name and --vae-ckpt, and takes no --output-dir or --max-images"),
         (args.pproc_batch_size and not args.cache_latents, "--pproc-batch-size is the batch of --cache-latents; "
-                                                           "training uses --batch-size")]
+                                                           "training uses --batch-size"),
+        (args.vae_latents_name and not args.vae_ckpt, "--vae-latents-name names a cache of one VAE's latents; name "
+                                                      "its weights with --vae-ckpt"),
+        (sum(map(bool, (args.export_vae, args.cache_latents, args.benchmark, args.resume or args.resume_step))) > 1,
+         "--export-vae, --cache-latents, --benchmark and training (--resume, --resume-step) are separate runs; "
+         "give one")]
     for refused, why in refusals:
         if refused:
             p.error(why)

@@ -99,7 +99,8 @@ def load_models(args, device, log):
     repae.load_state(vae, vae_state, f"the VAE from {vae_from}", "--vae-ckpt/--vae")
     # The EMA BN buffers are the latent statistics the SiT was trained with (initialised from the
     # VAE's file, then tracked); --latents-stats is for checkpoints that normalised with a fixed file.
-    scale, bias = repae.load_latent_stats(args.latents_stats) if args.latents_stats else model.latent_stats()
+    scale, bias = repae.load_latent_stats(args.latents_stats, vae.z_channels) if args.latents_stats else \
+        model.latent_stats()
     log(f"EMA SiT {'smoke-size ' * cfg.smoke}{cfg.model} from '{args.ckpt}' (step {ckpt.get('steps')}), "
         f"VAE from {vae_from}, latent stats from {args.latents_stats or 'the EMA BatchNorm'}")
     return model.eval().to(device), vae.eval().to(device), scale.to(device), bias.to(device), cfg

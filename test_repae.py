@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -319,6 +320,24 @@ def test_missing_and_mismatched_weights(tmp_path, capsys, monkeypatch):
     assert re.search(r"does not match the model .*missing keys.*shape mismatches.*--vae", msg)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert "corrupt" in error(capsys, repae.load_file, str(tmp_path / "bad.pt"), "--resume")
+    assert f"'{tmp_path}' is a folder, not a file; pass" in error(capsys, repae.need_file, str(tmp_path), "--vae-ckpt")
+    torch.save(dict(model={}, ema={}, vae={}, steps=1), tmp_path / "run.pt")     # a training checkpoint as the VAE
+    assert "is a REPA-E training checkpoint; write its VAE with --export-vae" in \
+        error(capsys, repae.load_vae, smoke_args("--vae-ckpt", str(tmp_path / "run.pt")))
+    torch.save(dict(latents_scale=torch.ones(1, 32, 1, 1), latents_bias=torch.zeros(1, 32, 1, 1)), tmp_path / "s.pt")
+    assert "statistics of 32 latent channels, but the VAE has 4" in \
+        error(capsys, repae.load_latent_stats, str(tmp_path / "s.pt"), 4)
+
+
+def test_write_atomic_leaves_no_partial_file(tmp_path):
+    """torch.save on a disk that fills mid-file raises RuntimeError ("unexpected pos"), not OSError: caught the same."""
+    def fills_up(f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 30579648 vs 30579540")
+    e = repae.write_atomic(str(tmp_path / "a.pt"), fills_up)
+    assert isinstance(e, RuntimeError) and os.listdir(tmp_path) == []
+    assert repae.write_atomic(str(tmp_path / "a.pt"), lambda f: f.write(b"ok")) is None
+    assert (tmp_path / "a.pt").read_bytes() == b"ok" and os.listdir(tmp_path) == ["a.pt"]
 
 
 def test_dinov2_offline_fails_fast_naming_the_flag(tmp_path, monkeypatch, capsys):
@@ -328,6 +347,10 @@ def test_dinov2_offline_fails_fast_naming_the_flag(tmp_path, monkeypatch, capsys
     assert "--enc-ckpt" in error(capsys, repae.load_encoder, "dinov2-vit-b", 256, str(tmp_path / "missing.safetensors"))
     assert "dinov2-vit" in error(capsys, repae.dinov2_timm_name, "mocov3-vit-b")
     assert repae.dinov2_timm_name("dinov2-vit-l-reg") == "vit_large_patch14_reg4_dinov2.lvd142m"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")               # read as huggingface_hub reads it: not offline
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")   # behind a proxy only the hub client can try
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed around the proxy"))
+    assert repae.online()
 
 
 class _TamingNetLinLayer(nn.Module):
@@ -382,7 +405,7 @@ def test_lpips_from_torchvision_vgg16_and_taming_heads_equals_a_direct_computati
     assert (got > 0).all() and torch.equal(lpips(x, x), torch.zeros(2))
 
 
-def test_dinov2_from_timm_518px_safetensors_resamples_its_positions(published):
+def test_dinov2_from_timm_518px_safetensors_resamples_its_positions(published, capsys):
     import timm
     enc = repae.load_encoder("dinov2-vit-s", 64, ckpt=str(published / "model.safetensors"))   # 56 px: a 4 x 4 grid
     # independently: the file's 37 x 37 positions resampled to 4 x 4 by hand, as the released torch.hub route does
@@ -399,6 +422,11 @@ def test_dinov2_from_timm_518px_safetensors_resamples_its_positions(published):
         want = ref.forward_features(images)[:, 1:]
     assert tokens.shape == (2, 16, 384) and torch.equal(tokens, want)
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    # the published file of another size (s for b), or not a weights file: one sentence naming the flag's order
+    msg = error(capsys, repae.load_encoder, "dinov2-vit-b", 64, str(published / "model.safetensors"))
+    assert "as vit_base_patch14_dinov2.lvd142m (RuntimeError: Error(s) in loading state_dict" in msg and \
+        "one model.safetensors per --enc-type, in the same order" in msg
+    assert "could not load" in error(capsys, repae.load_encoder, "dinov2-vit-s", 64, str(published / "vgg.pth"))
 
 
 def test_vae_latent_stats_and_discriminator_load_in_the_released_layout(published, capsys, tmp_path):
@@ -843,7 +871,10 @@ losses:
     (["--cache-latents"], "--cache-latents writes <data-dir>/<name>.npy"),
     (["--pproc-batch-size", "4"], "--pproc-batch-size is the batch of --cache-latents"),
     (["--resume", "auto", "--resume-step", "2"], "give one"),
-    (["--continue-train-exp-dir", "exps/x"], "say which checkpoint with --resume-step")])
+    (["--continue-train-exp-dir", "exps/x"], "say which checkpoint with --resume-step"),
+    (["--vae-latents-name", "c", "--freeze-vae"], "name its weights with --vae-ckpt"),
+    (["--benchmark", "2", "--resume", "auto"], "training (--resume, --resume-step) are separate runs; give one"),
+    (["--export-vae", "x.pt", "--cache-latents", "--vae-latents-name", "c", "--vae-ckpt", "v.pt"], "separate runs")])
 def test_bad_flags_get_one_sentence(tmp_path, argv, message, capsys):
     (tmp_path / "changed.yaml").write_text(RELEASED_LOSS_CFG.replace("kl_weight: 1e-6", "kl_weight: 1e-4"))
     argv = [a.format(changed=tmp_path / "changed.yaml", missing=tmp_path / "nope.yaml") for a in argv]
@@ -1000,7 +1031,7 @@ def test_export_vae_round_trip(tmp_path, capsys):
     fresh = repae.vae_models["f8d4"]()
     fresh.load_state_dict(torch.load(tmp_path / "out/e2e-f8d4-0400000.pt", weights_only=True), strict=True)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), vae.state_dict().values()))
-    scale, bias = repae.load_latent_stats(str(tmp_path / "out/e2e-f8d4-0400000-latents-stats.pt"))
+    scale, bias = repae.load_latent_stats(str(tmp_path / "out/e2e-f8d4-0400000-latents-stats.pt"), 4)
     assert torch.equal(scale, sit.bn.running_var.rsqrt()) and torch.equal(bias, sit.bn.running_mean)
     exported = (tmp_path / "out/e2e-f8d4-0400000.pt").read_bytes()   # another export there never overwrites it
     argv = ["--export-vae", str(tmp_path / "0400000.pt"), "--output-dir", str(tmp_path / "out")]
@@ -1017,7 +1048,7 @@ def test_frozen_training_on_an_exported_vae(tmp_path, monkeypatch):
     r = run_cli("repae.py", "--export-vae", str(run / "checkpoints/0000002.pt"), "--output-dir", str(tmp_path / "e2e"))
     assert r.returncode == 0, r.stderr[-3000:]
     vae_path = tmp_path / "e2e/e2e-f8d4-0000002.pt"
-    scale, bias = repae.load_latent_stats(str(vae_path).replace(".pt", "-latents-stats.pt"))
+    scale, bias = repae.load_latent_stats(str(vae_path).replace(".pt", "-latents-stats.pt"), 4)
     args = smoke_args("--freeze-vae", "--vae-ckpt", str(vae_path))  # --smoke loads the VAE it is given
     m = repae.wrap_distributed(repae.build(args, CPU.device), CPU)
     assert torch.allclose(m.sit.latent_stats()[0], scale) and torch.equal(m.sit.latent_stats()[1], bias)
