@@ -1042,6 +1042,7 @@ def build_dataset(args):
 
 def cache_meta(ds, args):
     """What a latent cache was made from: it serves only the same images, VAE weights and resolution."""
+    need_file(args.vae_ckpt, "--vae-ckpt")                  # read here, before prepare_run checks the weights files
     weights = hashlib.sha1()
     with open(args.vae_ckpt, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):

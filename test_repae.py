@@ -921,7 +921,8 @@ def test_torchrun_flag_errors_report_once_and_preemption_exits_zero(tmp_path):
         "def signalled(*a):\n"
         "    calls.append(1)\n"
         "    if len(calls) == 2 and os.environ['RANK'] == '0':\n"
-        "        os.killpg(os.getpgid(0), signal.SIGTERM)        # the whole job: launcher and workers\n"
+        "        os.kill(os.getppid(), signal.SIGTERM)           # the whole job: the launcher,\n"
+        "        os.killpg(os.getpgid(0), signal.SIGTERM)        # and the workers (each in its own session)\n"
         "    return step(*a)\n"
         "repae.repae_step = signalled\n"
         "repae.main(repae.parse_args())\n")
@@ -929,7 +930,8 @@ def test_torchrun_flag_errors_report_once_and_preemption_exits_zero(tmp_path):
                f"--max-train-steps 50 --sample-every 0"
     r = subprocess.run(["bash", "-c", f"trap '' TERM; exec {torchrun}"], cwd=HERE, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1",
-                            "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT"}, start_new_session=True, timeout=600)
+                            "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT", "PET_SIGNALS_TO_HANDLE": "SIGINT"},
+                       start_new_session=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "smoke/checkpoints")) == ["0000002.pt"]
     assert "stopped by signal at step 2" in (tmp_path / "smoke/log.txt").read_text()
@@ -1074,6 +1076,9 @@ def test_latent_cache_holds_the_posterior_resumes_and_trains_like_the_encoder(tm
     flags = ["--data-dir", str(d), "--vae-ckpt", str(tmp_path / "v.pt"), "--vae-latents-name", "lat"]
     repae.cache_latents(smoke_args("--cache-latents", "--pproc-batch-size", "3", *flags))
     moments, done = np.load(d / "lat.npy"), np.load(d / "lat.done.npy")
+    nope = ["--vae-ckpt", str(tmp_path / "nope.pt")]          # a missing VAE: one sentence, for the pass and training
+    for run, argv in ((repae.cache_latents, ["--cache-latents", *flags, *nope]), (repae.main, [*flags, *nope])):
+        assert "nope.pt' does not exist; pass the right path with --vae-ckpt" in error(capsys, run, smoke_args(*argv))
     ds = repae.ImageFolder(str(d), 64)
     with torch.no_grad():
         q = vae.encode(torch.stack([ds[i]["x"] for i in range(8)]).float() / 127.5 - 1)
