@@ -1281,7 +1281,7 @@ class Monitor:
         g, latent = torch.Generator().manual_seed(args.seed), args.resolution // m.vae.factor   # fixed previews
         self.noise = torch.randn(16, m.sit.in_channels, latent, latent, generator=g).to(dist_env.device)
         self.labels = torch.randint(0, args.num_classes, (16,), generator=g).to(dist_env.device)
-        self.bad_step, self.bad_vals, self.checked = torch.full((), -1, device=dist_env.device), None, None
+        self.bad_step, self.bad_vals = torch.full((), -1, device=dist_env.device), None
         self.t0 = self.t_log = time.time()
 
     def log(self, msg):
@@ -1293,11 +1293,9 @@ class Monitor:
         """After every update (micro: its K batches); True when a preemption signal asks the run to stop (a checkpoint
         is written)."""
         self.vals, self.keys = torch.stack(list(logs.values())), list(logs)
-        if self.checked is None:        # fp16: an overflowing gradient is the grad scaler's (it skips that update)
-            fp16 = self.m.scaler.is_enabled()
-            self.checked = torch.tensor([not (fp16 and k.startswith("grad_norm")) for k in self.keys],
-                                        device=self.d.device)
-        new_bad = (self.bad_step < 0) & ~(self.vals.isfinite() | ~self.checked).all()   # on the device: no host sync
+        fp16 = self.m.scaler.is_enabled()    # an overflowing gradient is then the grad scaler's: it skips that update
+        checked = torch.stack([v for k, v in logs.items() if not (fp16 and k.startswith("grad_norm"))])
+        new_bad = (self.bad_step < 0) & ~checked.isfinite().all()      # on the device: no host sync per step
         self.bad_step = torch.where(new_bad, step, self.bad_step)
         self.bad_vals = torch.where(new_bad, self.vals, self.vals if self.bad_vals is None else self.bad_vals)
         self.skipped += sum(int(b["skipped"].sum()) for b in micro)
