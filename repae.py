@@ -1271,9 +1271,10 @@ class Monitor:
                     json.dump(vars(args), f, indent=2)
             if os.path.exists(self.metrics):                # a resumed run keeps one row per step
                 rows = [r for r in open(self.metrics) if json.loads(r)["step"] <= step]
-                with open(self.metrics + ".tmp", "w") as f:
-                    f.writelines(rows)
-                os.replace(self.metrics + ".tmp", self.metrics)
+                e = write_atomic(self.metrics, lambda f: f.writelines(r.encode() for r in rows))
+                if e:
+                    fail(f"could not rewrite '{self.metrics}' ({e}); free some space, then continue with --resume auto",
+                         code=1)
             self.file = open(os.path.join(run_dir, "log.txt"), "a")
         self.stop = []                                      # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
         for s in (signal.SIGTERM, signal.SIGINT):
