@@ -1641,7 +1641,7 @@ def parse_args(argv=None, check=True):
     a("--continue-train-exp-dir", help="the run folder --resume-step reads; default: this run's")
     for flag in ("--report-to", "--logging-dir", "--wandb-history-path"):
         a(flag, help=f"{trackers}'s metrics.jsonl and log.txt")
-    a("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"], help="autocast dtype on CUDA (CPU: fp32)")
+    a("--mixed-precision", default="bf16", choices=list(AMP_DTYPES), help="autocast dtype on CUDA (CPU: fp32)")
     a("--allow-tf32", action=on_off, default=True)
     a("--deterministic", action="store_true", help="deterministic CUDA kernels: a resumed run is bitwise exact on GPUs")
     a("--seed", type=int, default=0)

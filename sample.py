@@ -286,7 +286,7 @@ def parse_args(argv=None):
     a("--balanced", action="store_true", help="exactly N / num_classes samples of each class")
     a("--class-labels", type=class_labels, help="comma-separated classes of a --grid figure, one image each")
     a("--grid", action="store_true", help="write one PNG grid of --class-labels instead of the FID folder")
-    a("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="SiT autocast on CUDA (CPU: fp32)")
+    a("--mixed-precision", default="no", choices=list(repae.AMP_DTYPES), help="SiT autocast on CUDA (CPU: fp32)")
     a("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA, as generate.py")
     # overrides of the checkpoint's args (a checkpoint without args: the defaults of repae.py)
     a("--model", default=None, choices=list(repae.SiT_models))
