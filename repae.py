@@ -590,8 +590,9 @@ def load_encoder(enc_type, resolution, ckpt=None, random_weights=False, **overri
     except Exception as e:                                  # a local file of another model, or not a weights file
         if not ckpt:
             raise
+        smoke = " (--smoke builds tiny encoders: drop it to load real weights)" * bool(overrides)
         fail(f"could not load '{ckpt}' as {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); --enc-ckpt "
-             f"names one model.safetensors per --enc-type, in the same order")
+             f"names one model.safetensors per --enc-type, in the same order{smoke}")
     return enc.eval().requires_grad_(False)
 
 
@@ -852,7 +853,8 @@ def load_vae(args):
         if "vae" in state and "ema" in state:
             fail(f"--vae-ckpt '{args.vae_ckpt}' is a REPA-E training checkpoint; write its VAE with --export-vae "
                  f"{args.vae_ckpt} and pass the written e2e-*.pt with --vae-ckpt")
-        load_state(vae, state, f"--vae-ckpt '{args.vae_ckpt}'", "--vae-ckpt/--vae")
+        load_state(vae, state, f"--vae-ckpt '{args.vae_ckpt}'",
+                   "--vae-ckpt/--vae" + ", --smoke (it builds a tiny VAE)" * args.smoke)
     return vae
 
 
@@ -1694,6 +1696,9 @@ def check_args(args, p):
         (args.cache_latents and (not args.vae_latents_name or not args.vae_ckpt or args.output_dir or args.max_images),
          "--cache-latents writes <data-dir>/<name>.npy next to the images, where training reads it: it needs "
          "--vae-latents-name and --vae-ckpt, and takes no --output-dir or --max-images"),
+        (args.freeze_vae and (args.disc_pretrained_ckpt or args.vgg_ckpt or args.lpips_ckpt),
+         "--disc-pretrained-ckpt, --vgg-ckpt and --lpips-ckpt are weights of L_REG, which a frozen VAE (--freeze-vae) "
+         "never computes; drop them"),
         (args.pproc_batch_size and not args.cache_latents, "--pproc-batch-size is the batch of --cache-latents; "
                                                            "training uses --batch-size"),
         (args.vae_latents_name and not args.vae_ckpt, "--vae-latents-name names a cache of one VAE's latents; name "

@@ -427,6 +427,12 @@ def test_dinov2_from_timm_518px_safetensors_resamples_its_positions(published, c
     assert "as vit_base_patch14_dinov2.lvd142m (RuntimeError: Error(s) in loading state_dict" in msg and \
         "one model.safetensors per --enc-type, in the same order" in msg
     assert "could not load" in error(capsys, repae.load_encoder, "dinov2-vit-s", 64, str(published / "vgg.pth"))
+    # real-size files under --smoke: the message says that --smoke is what shrank the model
+    msg = error(capsys, lambda: repae.load_encoder("dinov2-vit-s", 64, str(published / "model.safetensors"),
+                                                   **repae.SMOKE["encoder"]))
+    assert "(--smoke builds tiny encoders: drop it to load real weights)" in msg
+    msg = error(capsys, repae.load_vae, smoke_args("--vae-ckpt", str(published / "sdvae-f8d4.pt")))
+    assert "does not match the model" in msg and "check --vae-ckpt/--vae, --smoke (it builds a tiny VAE)" in msg
 
 
 def test_vae_latent_stats_and_discriminator_load_in_the_released_layout(published, capsys, tmp_path):
@@ -873,6 +879,8 @@ losses:
     (["--resume", "auto", "--resume-step", "2"], "give one"),
     (["--continue-train-exp-dir", "exps/x"], "say which checkpoint with --resume-step"),
     (["--vae-latents-name", "c", "--freeze-vae"], "name its weights with --vae-ckpt"),
+    (["--freeze-vae", "--lpips-ckpt", "vgg.pth"], "which a frozen VAE (--freeze-vae) never computes; drop them"),
+    (["--vae-latents-name", "c", "--vae-ckpt", "v.pt", "--freeze-vae", "--disc-ckpt", "d.pt"], "drop them"),
     (["--benchmark", "2", "--resume", "auto"], "training (--resume, --resume-step) are separate runs; give one"),
     (["--export-vae", "x.pt", "--cache-latents", "--vae-latents-name", "c", "--vae-ckpt", "v.pt"], "separate runs")])
 def test_bad_flags_get_one_sentence(tmp_path, argv, message, capsys):
