@@ -17,6 +17,7 @@ import struct
 import sys
 import time
 import zipfile
+import zlib
 
 import numpy as np
 import scipy.linalg
@@ -177,6 +178,9 @@ def build_inception(ckpt=None):
 # in batches from DataLoader workers (50k samples at 256px would be ~10 GB in memory at once), so that
 # PNG decoding and .npz reading run in parallel with the network instead of starving a GPU.
 
+ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError)  # a bad CRC, bad deflate data, a cut compressed stream
+
+
 def _npz_headers(path):
     """{member: (shape, dtype, fortran order, data offset in the member, in the file if stored uncompressed)}."""
     if not zipfile.is_zipfile(path):
@@ -189,8 +193,9 @@ def _npz_headers(path):
                     read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                                    (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
                     shape, fortran, dtype = read_header(f)
-                except (ValueError, KeyError) as e:  # bad magic, unknown version, garbled header
-                    raise InputError(f"{path} is not a valid .npz file: {info.filename} is not a .npy array.") from e
+                except (ValueError, KeyError, *ZIP_DAMAGE) as e:  # bad magic, unknown version, garbled header
+                    raise InputError(f"{path} is not a valid .npz file: {info.filename} is not a .npy array ({e}).") \
+                        from e
                 name, offset = info.filename.removesuffix(".npy"), f.tell()
             if dtype.hasobject:  # np.load would need allow_pickle, which can run arbitrary code
                 raise InputError(f"{path}: {name} holds Python objects; fid.py only reads numeric arrays.")
@@ -229,11 +234,14 @@ class _NpzStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         size = int(np.prod(self.shape[1:]))
-        with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
-            f.read(self.offset)  # skip the .npy header
-            for i in range(0, self.shape[0], self.batch_size):
-                n = min(self.batch_size, self.shape[0] - i)
-                yield torch.frombuffer(bytearray(f.read(n * size)), dtype=torch.uint8).view(n, *self.shape[1:]), ""
+        try:  # damage past the header shows only here; handed back as text, as _FolderImages does
+            with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
+                f.read(self.offset)  # skip the .npy header
+                for i in range(0, self.shape[0], self.batch_size):
+                    n = min(self.batch_size, self.shape[0] - i)
+                    yield torch.frombuffer(bytearray(f.read(n * size)), dtype=torch.uint8).view(n, *self.shape[1:]), ""
+        except ZIP_DAMAGE as e:
+            yield None, f"{self.path} is damaged past its header ({e}); regenerate it."
 
 
 def _npz_images(path, headers):

@@ -1976,6 +1976,8 @@ _FID_BAD_INPUT = {  # case: what its one line must say
     "stat_dims": ("a.npz gives 5-d mu, ", "b.npz 6-d", "same Inception features"),
     "unreadable_png": ("b.png is not a readable image",),
     "truncated_png": ("c.png cannot be decoded (image file is truncated",),
+    "damaged_npz_data": ("noisy.npz is damaged past its header (Bad CRC-32 for file 'arr_0.npy'); regenerate it.",),
+    "damaged_npz_header": ("smooth.npz is not a valid .npz file: arr_0.npy is not a .npy array (Error -3 while",),
     "too_few_for_fid": ("FID needs more than 2048 samples per side", "good.npz has 10 images",
                         "these inputs allow --metrics is,pr."),
     "save_stats_bad_folder": ("--save-stats ", "must be a .npz path in an existing folder",),
@@ -1993,6 +1995,15 @@ def _fid_bad_runs(tmp_path_factory, _fid_ckpt):
     np.savez(d / "floats.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     np.savez(d / "pickled.npz", arr_0=np.array([{"a": 1}], dtype=object))
     a, b = _fid_write_stats(d / "a.npz", 5, seed=0), _fid_write_stats(d / "b.npz", 6, seed=1)
+    # np.savez_compressed files damaged where only decompression can tell: in the images (random, so stored
+    # as raw deflate blocks: the CRC catches it), and in the deflate code of the .npy header (smooth images)
+    np.savez_compressed(d / "noisy.npz", arr_0=_fid_images(10, size=16))
+    np.savez_compressed(d / "smooth.npz", arr_0=np.broadcast_to(np.arange(16, dtype=np.uint8)[:, None], (10, 16, 16, 3)))
+    for name, at in (("noisy.npz", 0.5), ("smooth.npz", 80)):
+        data = bytearray((d / name).read_bytes())
+        start = int(at * len(data)) if at < 1 else at
+        data[start:start + 10] = bytes(v ^ 0xFF for v in data[start:start + 10])
+        (d / name).write_bytes(bytes(data))
     for folder, broken in (("unreadable", "b.png"), ("truncated", "c.png")):
         (d / folder).mkdir()
         for i, im in enumerate(_fid_images(4, size=16)):
@@ -2006,6 +2017,8 @@ def _fid_bad_runs(tmp_path_factory, _fid_ckpt):
             "pickled_npz": [d / "pickled.npz", good], "stat_dims": [a, b],
             "unreadable_png": [d / "unreadable", good],
             "truncated_png": [d / "truncated", good, "--metrics", "is", "--workers", "2", "--batch-size", "4"],
+            "damaged_npz_data": [d / "noisy.npz", good, "--metrics", "is", "--workers", "2", "--batch-size", "16"],
+            "damaged_npz_header": [d / "smooth.npz", good],
             "too_few_for_fid": [good, good, "--metrics", "fid"],
             "save_stats_bad_folder": [good, good, "--save-stats", d / "missing" / "s.npz"]}
     runs = {}
