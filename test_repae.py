@@ -118,6 +118,92 @@ def test_official_key_layout():
     assert list(repae.LPIPS().heads.state_dict()) == [f"lin{i}.model.1.weight" for i in range(5)]
 
 
+def test_defaults_are_the_papers_headline_run():
+    """Spec Sec. 7 and 8: a run or a sampling command without flags is the paper's."""
+    a = repae.parse_args([])
+    assert (a.model, a.vae, a.enc_type, a.encoder_depth, a.proj_coeff, a.vae_align_proj_coeff, a.bn_momentum) == \
+        ("SiT-XL/2", "f8d4", "dinov2-vit-b", 8, 0.5, 1.5, 0.1)
+    assert (a.learning_rate, a.vae_learning_rate, a.disc_learning_rate, a.adam_beta1, a.adam_beta2, a.adam_epsilon,
+            a.adam_weight_decay, a.max_grad_norm, a.ema_decay, a.cfg_prob) == \
+        (1e-4, 1e-4, 1e-4, 0.9, 0.999, 1e-8, 0.0, 1.0, 0.9999, 0.1)
+    assert (a.batch_size, a.max_train_steps, a.resolution, a.num_classes, a.path_type, a.weighting, a.stop_grad) == \
+        (256, 400_000, 256, 1000, "linear", "uniform", True)
+    s = sample.parse_args(["--ckpt", "c.pt"])
+    assert (s.mode, s.num_steps, s.cfg_scale, s.guidance_low, s.guidance_high, s.num_fid_samples) == \
+        ("sde", 250, 1.0, 0.0, 1.0, 50_000)
+
+
+def test_sit_pieces_closed_forms():
+    """Spec Sec. 5: t embedded as it is (cosine half first), tanh-GELU MLP, SiLU projector, adaLN-Zero blocks
+    that start as the identity, the DiT patch order of unpatchify, and the label dropout to the null row."""
+    torch.manual_seed(0)
+    emb, seen = repae.TimestepEmbedder(8, freq_dim=8), []
+    emb.mlp[0].register_forward_pre_hook(lambda mod, inp: seen.append(inp[0]))
+    t = torch.tensor([0.0, 0.5, 1.0])
+    emb(t)
+    args = t[:, None] * torch.exp(-math.log(10000) * torch.arange(4) / 4)
+    torch.testing.assert_close(seen[0], torch.cat([args.cos(), args.sin()], 1))
+    x = torch.randn(2, 5, 8)
+    mlp = repae.Mlp(8, 32)
+    h = mlp.fc1(x)
+    gelu_tanh = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    torch.testing.assert_close(mlp(x), mlp.fc2(gelu_tanh))
+    proj = repae.projector(8, 16, 4)
+    torch.testing.assert_close(proj(x), proj[4](F.silu(proj[2](F.silu(proj[0](x))))))
+    sit = repae.SiT(input_size=4, patch_size=2, in_channels=3, hidden_size=8, depth=2, num_heads=2, z_dims=(4,),
+                    encoder_depth=1, num_classes=10)
+    c = torch.randn(2, 8)
+    assert all(torch.equal(block(x, c), x) for block in sit.blocks)           # adaLN-Zero: identity at init
+    assert torch.equal(sit.final_layer(x, c), torch.zeros(2, 5, 12))
+    # unpatchify: token (r, q) of a 2 x 2 grid, entry (i, j, ch) of its p*p*C vector -> pixel (ch, r*p+i, q*p+j)
+    tokens = torch.arange(4 * 12.0).view(1, 4, 12)
+    image = sit.unpatchify(tokens)
+    for r, q, i, j, ch in np.ndindex(2, 2, 2, 2, 3):
+        assert image[0, ch, r * 2 + i, q * 2 + j] == tokens[0, r * 2 + q, (i * 2 + j) * 3 + ch]
+    labels, dropped = repae.LabelEmbedder(10, 4, 0.1), []
+    labels.embedding_table.register_forward_pre_hook(lambda mod, inp: dropped.append(inp[0]))
+    labels(torch.zeros(20_000, dtype=torch.long), train=True)
+    labels(torch.zeros(10, dtype=torch.long), train=False)
+    assert set(dropped[0].tolist()) == {0, 10} and abs((dropped[0] == 10).float().mean().item() - 0.1) < 0.01
+    assert torch.equal(dropped[1], torch.zeros(10, dtype=torch.long))         # no dropout outside training
+
+
+def test_sit_aligns_the_tokens_of_block_encoder_depth():
+    torch.manual_seed(0)
+    sit = repae.SiT(input_size=8, hidden_size=64, depth=4, num_heads=2, z_dims=(16,), encoder_depth=3,
+                    num_classes=10).eval()
+    for p in sit.parameters():                              # leave adaLN-Zero so that blocks do something
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 10])
+    h, c = sit.x_embedder(x) + sit.pos_embed, sit.t_embedder(t) + sit.y_embedder(y, False)
+    for block in sit.blocks[:3]:
+        h = block(h, c)
+    torch.testing.assert_close(sit(x, t, y)[1][0], sit.projectors[0](h))
+
+
+def test_vae_and_discriminator_pieces_closed_forms():
+    """Spec Sec. 5 and 3: GroupNorm(32, eps 1e-6); downsample = pad (0, 1, 0, 1) + stride-2 conv; upsample =
+    nearest x2 + conv; REPA-E trains on the sampled latent mean + std * eps; PatchGAN LeakyReLU 0.2, BN ~ N(1, .02)."""
+    torch.manual_seed(0)
+    vae = repae.AutoencoderKL(ch=32, ch_mult=(1, 2), z_channels=4, num_res_blocks=1)
+    norms = [m for m in vae.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(m.num_groups == 32 and m.eps == 1e-6 for m in norms)
+    x = torch.randn(2, 32, 8, 8)
+    down, up = repae.Resample(32, up=False), repae.Resample(32, up=True)
+    torch.testing.assert_close(down(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2))
+    torch.testing.assert_close(up(x), up.conv(F.interpolate(x, scale_factor=2, mode="nearest")))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    posterior, z, _ = vae(images)
+    torch.manual_seed(1)
+    q = vae.encode(images)
+    assert torch.equal(z, q.mean + q.std * torch.randn_like(q.mean)) and not torch.equal(z, q.mean)
+    disc = repae.NLayerDiscriminator()
+    assert {m.negative_slope for m in disc.modules() if isinstance(m, nn.LeakyReLU)} == {0.2}
+    bn = torch.cat([m.weight for m in disc.modules() if isinstance(m, nn.BatchNorm2d)])
+    assert abs(bn.mean().item() - 1) < 0.01 and abs(bn.std().item() - 0.02) < 0.005
+
+
 def test_kl_and_l1_closed_forms():
     mean, logvar = torch.full((2, 4, 3, 3), 1.0), torch.full((2, 4, 3, 3), math.log(4.0))
     q = repae.DiagonalGaussian(torch.cat([mean, logvar], 1))
@@ -152,6 +238,9 @@ def test_latent_stats_round_trip_and_bn_normalises():
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 4
     var = scale.pow(-2).view(1, -1, 1, 1)
     assert torch.allclose(sit.eval().bn(z), (z - bias.view(1, -1, 1, 1)) / torch.sqrt(var + 1e-4), atol=1e-5)
+    identity = SimpleNamespace(decode=lambda latent: latent)   # decode_latent's z = z_n / scale + bias, before the VAE
+    want = (z - bias.view(1, -1, 1, 1)) * torch.sqrt(var / (var + 1e-4)) + bias.view(1, -1, 1, 1)   # z, but for BN's eps
+    torch.testing.assert_close(repae.decode_latent(identity, sit.bn(z), s, b), want)
 
 
 def test_interpolant_and_velocity_target():
@@ -162,6 +251,11 @@ def test_interpolant_and_velocity_target():
     assert torch.allclose(x_t[2], eps[2], atol=1e-6) and torch.allclose(v[0], math.pi / 2 * eps[0])
     t = repae.sample_t(10_000, "lognormal", "linear", "cpu")
     assert 0 < t.min() and t.max() < 1 and abs(t.median().item() - 0.5) < 0.03   # sigma = 1 at the median
+    torch.manual_seed(0)
+    for path, log_sigma in (("linear", lambda t: torch.log(t / (1 - t))), ("cosine", lambda t: torch.log(torch.tan(
+            math.pi / 2 * t)))):                            # sigma = exp(N(0, 1)), mapped to t as the reference
+        ls = log_sigma(repae.sample_t(100_000, "lognormal", path, "cpu").double())
+        assert abs(ls.mean().item()) < 0.02 and abs(ls.std().item() - 1) < 0.02, path
 
 
 def test_sit_forward_modes_share_the_trunk():
@@ -237,8 +331,9 @@ def test_ema_of_parameters_and_buffers():
     ema0 = {k: v.clone() for k, v in m.ema.state_dict().items()}
     repae.repae_step(x, y, m, args)
     model, ema = m.sit.state_dict(), m.ema.state_dict()
-    for k in ("bn.running_mean", "bn.running_var", "blocks.0.attn.qkv.weight"):
-        assert torch.allclose(ema[k], 0.9 * ema0[k] + 0.1 * model[k], atol=1e-6), k
+    for k in ("bn.running_mean", "bn.running_var", "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.bias"):
+        assert not torch.allclose(model[k], ema0[k], atol=1e-6), k          # it moved, so the weights are seen
+        assert torch.allclose(ema[k], 0.9 * ema0[k] + 0.1 * model[k], atol=1e-7), k
     assert ema["bn.num_batches_tracked"] == model["bn.num_batches_tracked"] == 1
 
 
@@ -292,9 +387,13 @@ def test_gradient_accumulation_equals_a_reference_loop():
         v_pred, zs_tilde = ref.sit((1 - t.view(-1, 1, 1, 1)) * z_n + t.view(-1, 1, 1, 1) * eps, t, b["y"])
         loss_sit = (v_pred - (eps - z_n)).pow(2).mean() + 0.5 * repae.repa_loss(zs_tilde, zs)
         (loss_sit / 2).backward()
+    norms = []
     for model, opt in ((ref.vae, ref.opt_vae), (ref.disc, ref.opt_disc), (ref.sit, ref.opt)):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         opt.step()
+    # AdamW and the clip barely see a scaled loss: the pre-clip norms show whether each loss was divided by K
+    torch.testing.assert_close(torch.stack([logs[f"grad_norm_{k}"] for k in ("vae", "disc", "sit")]),
+                               torch.stack(norms), rtol=1e-5, atol=0)
     repae.update_ema(ref.ema, ref.sit, 0.5)
     for name in ("vae", "disc", "sit", "ema"):
         for (k, a), b in zip(getattr(m, name).state_dict().items(), getattr(ref, name).state_dict().values()):
@@ -433,6 +532,17 @@ def test_dinov2_from_timm_518px_safetensors_resamples_its_positions(published, c
     assert "(--smoke builds tiny encoders: drop it to load real weights)" in msg
     msg = error(capsys, repae.load_vae, smoke_args("--vae-ckpt", str(published / "sdvae-f8d4.pt")))
     assert "does not match the model" in msg and "check --vae-ckpt/--vae, --smoke (it builds a tiny VAE)" in msg
+
+
+def test_dinov2_reg4_targets_drop_the_class_and_the_four_register_tokens():
+    enc = repae.load_encoder("dinov2-vit-s-reg", 64, random_weights=True, **repae.SMOKE["encoder"])
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    (tokens,) = repae.encoder_targets([enc], x)
+    images = F.interpolate(torchvision.transforms.functional.normalize(x.float() / 255, repae.IMAGENET_MEAN,
+                                                                       repae.IMAGENET_STD), size=56, mode="bicubic")
+    with torch.no_grad():
+        everything = enc.forward_features(images)
+    assert everything.shape[1] == 1 + 4 + 16 and torch.equal(tokens, everything[:, 5:])
 
 
 def test_vae_latent_stats_and_discriminator_load_in_the_released_layout(published, capsys, tmp_path):
@@ -627,6 +737,11 @@ def test_image_folder_adm_crop(tmp_path):
     x, y = ds[3]["x"], ds[3]["y"]
     assert len(ds) == 4 and x.dtype == torch.uint8 and x.shape == (3, 64, 64) and y == 1
     assert repae.center_crop_arr(Image.new("RGB", (1000, 600)), 64).shape == (64, 64, 3)
+    rng = np.random.default_rng(0)
+    square = Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))     # short side 2x: BOX-halved
+    assert np.array_equal(repae.center_crop_arr(square, 64), np.asarray(square.resize((64, 64), Image.BOX)))
+    wide = Image.fromarray(rng.integers(0, 256, (100, 150, 3), dtype=np.uint8))       # under 2x: one BICUBIC resize
+    assert np.array_equal(repae.center_crop_arr(wide, 64), np.asarray(wide.resize((96, 64), Image.BICUBIC))[:, 16:80])
 
 
 def test_two_process_gloo_run_keeps_replicas_identical_and_counts_every_skipped_image(tmp_path):
@@ -1388,6 +1503,11 @@ def test_sample_guidance_applies_only_inside_the_interval(mode):
     times = sorted({round(t, 9) for t, _ in model.calls})
     assert _sample_null_times(model) == [t for t in times if t <= 0.5] and len(_sample_null_times(model)) < len(times)
     assert not torch.allclose(guided, unguided)
+    grid = torch.linspace(1, 0, 11, dtype=torch.float64) if mode == "ode" else \
+        torch.cat([torch.linspace(1, 0.04, 10, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    grid = grid.tolist()
+    run(cfg_scale=3.0, guidance_low=grid[6], guidance_high=grid[3])  # both bounds are grid times: both inclusive
+    assert _sample_null_times(model) == sorted(round(float(np.float32(t)), 9) for t in grid[3:7])
 
 
 def test_sample_inputs_and_sde_noise_do_not_depend_on_the_batch():
@@ -1673,6 +1793,30 @@ def test_fid_features_shapes_determinism_and_sfid_layer():
     assert torch.equal(a[1], seen[0][:, :7].permute(0, 2, 3, 1).reshape(2, -1))
     with pytest.raises(ValueError, match="uint8"):
         net(x.float())
+
+
+def test_fid_pool_branches_logits_and_covariance_are_the_graphs():
+    """Spec Sec. 9: the FID blocks average-pool without counting the padding, the last E block max-pools, IS
+    reads the logits before the bias, and sigma is the unbiased (N - 1) covariance, as numpy's default in ADM."""
+    net, x = _fid_random_net(), torch.from_numpy(_fid_images(2, size=40))
+    with torch.no_grad():
+        net.fc.bias.fill_(1.0)
+    seen = {}
+    for name in ("Mixed_6b", "Mixed_7b", "Mixed_7c"):
+        block = net.get_submodule(name)
+        block.register_forward_pre_hook(lambda m, inp, name=name: seen.update({name: inp[0]}))
+        block.branch_pool.register_forward_pre_hook(lambda m, inp, name=name: seen.update({name + "_pool": inp[0]}))
+    with torch.no_grad():
+        pool, spatial, logits = net(x)
+    for name in ("Mixed_6b", "Mixed_7b"):
+        want = F.avg_pool2d(seen[name], 3, stride=1, padding=1, count_include_pad=False)
+        torch.testing.assert_close(seen[name + "_pool"], want)
+    torch.testing.assert_close(seen["Mixed_7c_pool"], F.max_pool2d(seen["Mixed_7c"], 3, stride=1, padding=1))
+    torch.testing.assert_close(logits, pool @ net.fc.weight.T)
+    feats = np.random.default_rng(0).standard_normal((5, 3))
+    sigma = fid.derive_statistics(feats, feats, feats, ["sigma"])["sigma"]
+    centred = feats - feats.mean(0)
+    np.testing.assert_allclose(sigma, centred.T @ centred / 4)
 
 
 def test_fid_build_inception_loads_checkpoint_strictly(tmp_path, _fid_ckpt):
