@@ -166,6 +166,27 @@ def test_sit_pieces_closed_forms():
     labels(torch.zeros(10, dtype=torch.long), train=False)
     assert set(dropped[0].tolist()) == {0, 10} and abs((dropped[0] == 10).float().mean().item() - 0.1) < 0.01
     assert torch.equal(dropped[1], torch.zeros(10, dtype=torch.long))         # no dropout outside training
+    # DiT's layouts, which the released weights assume: adaLN rows (shift, scale, gate) x (attention, MLP), final
+    # layer (shift, scale); timm's qkv rows (q, k, v) x heads, each head a contiguous slice of the width
+    block, final = repae.SiTBlock(8, num_heads=2), repae.FinalLayer(8, 2, 3)
+    for lin in (block.adaLN_modulation[1], final.adaLN_modulation[1]):
+        nn.init.normal_(lin.weight, std=0.5)
+    ln = lambda u: F.layer_norm(u, (8,), eps=1e-6)
+    shift1, scale1, gate1, shift2, scale2, gate2 = (block.adaLN_modulation(c)[:, None, 8 * i:8 * i + 8] for i in range(6))
+    q, k, v = (block.attn.qkv(x)[..., 8 * i:8 * i + 8].view(2, 5, 2, 4).transpose(1, 2) for i in range(3))
+    heads = torch.softmax(q @ k.transpose(-1, -2) / 2, dim=-1) @ v                      # (N, heads, T, 4)
+    torch.testing.assert_close(block.attn(x), block.attn.proj(heads.transpose(1, 2).reshape(2, 5, 8)))
+    x1 = x + gate1 * block.attn(ln(x) * (1 + scale1) + shift1)
+    torch.testing.assert_close(block(x, c), x1 + gate2 * block.mlp(ln(x1) * (1 + scale2) + shift2))
+    shift, scale = (final.adaLN_modulation(c)[:, None, 8 * i:8 * i + 8] for i in range(2))
+    torch.testing.assert_close(final(x, c), final.linear(ln(x) * (1 + scale) + shift))
+    # MAE's 2-D sin-cos positions: token (r, q) of a 4 x 4 grid, width 16: sin, cos of q * omega, then of r * omega
+    omega = 1 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
+    pos = repae.SiT(input_size=8, patch_size=2, in_channels=3, hidden_size=16, depth=1, num_heads=2, z_dims=(4,),
+                    encoder_depth=1).pos_embed[0].double()
+    for r, q in np.ndindex(4, 4):
+        want = torch.cat([(q * omega).sin(), (q * omega).cos(), (r * omega).sin(), (r * omega).cos()])
+        torch.testing.assert_close(pos[r * 4 + q], want, rtol=0, atol=1e-6)
 
 
 def test_sit_aligns_the_tokens_of_block_encoder_depth():
@@ -192,6 +213,10 @@ def test_vae_and_discriminator_pieces_closed_forms():
     down, up = repae.Resample(32, up=False), repae.Resample(32, up=True)
     torch.testing.assert_close(down(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2))
     torch.testing.assert_close(up(x), up.conv(F.interpolate(x, scale_factor=2, mode="nearest")))
+    attn, h = repae.AttnBlock(32), torch.randn(2, 32, 4, 4)    # LDM: softmax(q k^T / sqrt(C)) v over the 16 pixels
+    q, k, v = (f(attn.norm(h)).flatten(2) for f in (attn.q, attn.k, attn.v))           # (B, C, HW)
+    w = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(32), dim=-1)                  # (B, HW, HW)
+    torch.testing.assert_close(attn(h), h + attn.proj_out((v @ w.transpose(1, 2)).view(2, 32, 4, 4)))
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     torch.manual_seed(1)
     posterior, z, _ = vae(images)
@@ -202,6 +227,13 @@ def test_vae_and_discriminator_pieces_closed_forms():
     assert {m.negative_slope for m in disc.modules() if isinstance(m, nn.LeakyReLU)} == {0.2}
     bn = torch.cat([m.weight for m in disc.modules() if isinstance(m, nn.BatchNorm2d)])
     assert abs(bn.mean().item() - 1) < 0.01 and abs(bn.std().item() - 0.02) < 0.005
+
+
+def test_latent_collapse_probes_closed_forms():
+    # paper Table 1's probes on z[b, c, h, w] = 60 b + 20 c + 5 h + w: each (h, w) slice is 0..19 plus an offset
+    # (unbiased variance 35), and an image's total variation is 5 x 45 vertical + 1 x 48 horizontal steps
+    probes = repae.latent_diagnostics(torch.arange(2 * 3 * 4 * 5.0).view(2, 3, 4, 5))
+    assert (probes["latent_var"].item(), probes["latent_tv"].item()) == (35.0, 273.0)
 
 
 def test_kl_and_l1_closed_forms():
@@ -502,6 +534,8 @@ def test_lpips_from_torchvision_vgg16_and_taming_heads_equals_a_direct_computati
         got = lpips(x, y)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert (got > 0).all() and torch.equal(lpips(x, x), torch.zeros(2))
+    lpips.train()                                           # frozen: the heads' dropout slots never switch on
+    assert not lpips.training and torch.equal(lpips(x, y), got)
 
 
 def test_dinov2_from_timm_518px_safetensors_resamples_its_positions(published, capsys):
@@ -620,16 +654,36 @@ def assert_same(a, b, where=""):
 
 
 def test_resume_is_bitwise_exact(tmp_path):
-    one = train(tmp_path / "one", "--max-train-steps", "4", "--checkpointing-steps", "4", "--max-images", "16")
-    two = train(tmp_path / "two", "--max-train-steps", "2", "--checkpointing-steps", "2", "--max-images", "16")
-    two = train(tmp_path / "two", "--max-train-steps", "4", "--checkpointing-steps", "2", "--max-images", "16",
-                "--resume", "auto")                         # 16 images, batch 8: the resume crosses an epoch
-    a, b = load_ckpt(one / "checkpoints/0000004.pt"), load_ckpt(two / "checkpoints/0000004.pt")
+    # 24 images in micro-batches of 4, K = 2 per update: 3 updates an epoch. The resume at step 4 starts inside
+    # epoch 1, after its first update's K micro-batches, and the resumed run crosses into epoch 2.
+    flags = ("--max-images", "24", "--batch-size", "4", "--gradient-accumulation-steps", "2")
+    one = train(tmp_path / "one", "--max-train-steps", "7", "--checkpointing-steps", "7", *flags)
+    two = train(tmp_path / "two", "--max-train-steps", "4", "--checkpointing-steps", "4", *flags)
+    two = train(tmp_path / "two", "--max-train-steps", "7", "--checkpointing-steps", "7", *flags, "--resume", "auto")
+    a, b = load_ckpt(one / "checkpoints/0000007.pt"), load_ckpt(two / "checkpoints/0000007.pt")
     for k in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "rng", "steps"):
         assert_same(a[k], b[k], k)
+    assert not torch.equal(a["ema"]["final_layer.linear.weight"], a["model"]["final_layer.linear.weight"])
     assert "resumed from" in (two / "log.txt").read_text()
-    metrics = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in metrics] == [2, 4] and {"l_diff", "img_per_s", "eta_s", "latent_tv", "bn_var"} <= set(metrics[0])
+    timing = {"img_per_s", "steps_per_s", "peak_mem_gb", "elapsed_s", "eta_s"}
+    metrics = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)}
+    assert [r["step"] for r in metrics[one]] == [2, 4, 6, 7]
+    assert {"l_diff", "latent_tv", "bn_var"} | timing <= set(metrics[one][0])
+    # the resumed run's log is the uninterrupted one's: its row at the resume step kept once, the same losses after it
+    assert [{k: v for k, v in r.items() if k not in timing} for r in metrics[one]] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in metrics[two]]
+
+
+def test_ranks_build_the_same_models_then_draw_their_own_randomness():
+    # DDP needs identical replicas at step 0; t, eps and label drops must differ across ranks (the released code
+    # seeds each process with its own index), or every GPU would draw the same noise for its images
+    args, draws = smoke_args(), []
+    for rank in (0, 1):
+        m, step, exact = repae.setup(args, SimpleNamespace(**{**vars(CPU), "rank": rank}))
+        draws.append((m.sit.state_dict(), m.vae.state_dict(), m.disc.state_dict(), torch.rand(8)))
+    for k in range(3):
+        assert_same(draws[0][k], draws[1][k])
+    assert not torch.equal(draws[0][3], draws[1][3])
 
 
 def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
@@ -742,6 +796,8 @@ def test_image_folder_adm_crop(tmp_path):
     assert np.array_equal(repae.center_crop_arr(square, 64), np.asarray(square.resize((64, 64), Image.BOX)))
     wide = Image.fromarray(rng.integers(0, 256, (100, 150, 3), dtype=np.uint8))       # under 2x: one BICUBIC resize
     assert np.array_equal(repae.center_crop_arr(wide, 64), np.asarray(wide.resize((96, 64), Image.BICUBIC))[:, 16:80])
+    odd = Image.fromarray(rng.integers(0, 256, (100, 159, 3), dtype=np.uint8))        # 159 x 0.64 = 101.76: 102
+    assert np.array_equal(repae.center_crop_arr(odd, 64), np.asarray(odd.resize((102, 64), Image.BICUBIC))[:, 19:83])
 
 
 def test_two_process_gloo_run_keeps_replicas_identical_and_counts_every_skipped_image(tmp_path):
@@ -822,8 +878,9 @@ def test_resume_step_epochs_and_qk_norm_keep_their_released_meaning(tmp_path):
                   "--max-images", "16")                       # continues checkpoints/0000002.pt in a new run folder
     assert f"resumed from {run}/checkpoints/0000002.pt at step 2" in (other / "log.txt").read_text()
     assert sorted(os.listdir(other / "checkpoints")) == ["0000003.pt"]
-    one_epoch = train(tmp_path / "c", "--epochs", "1", "--max-train-steps", "10", "--max-images", "16")
-    assert sorted(os.listdir(one_epoch / "checkpoints")) == ["0000002.pt"]     # 16 images, batch 8: 2 steps
+    one_epoch = train(tmp_path / "c", "--epochs", "1", "--max-train-steps", "10", "--max-images", "16", "--batch-size",
+                      "4", "--gradient-accumulation-steps", "2")
+    assert sorted(os.listdir(one_epoch / "checkpoints")) == ["0000002.pt"]     # 16 images, 2 x 4 an update: 2 steps
     assert json.loads((one_epoch / "metrics.jsonl").read_text().splitlines()[-1])["eta_s"] == 0    # the end is step 2
     sit = repae.build_sit(smoke_args("--qk-norm"), [16], repae.build_vae(smoke_args()))
     assert sit.state_dict()["blocks.0.attn.q_norm.weight"].shape == (32,)        # timm's keys: a LayerNorm per head dim
@@ -842,6 +899,17 @@ def test_released_training_checkpoint_resumes_and_samples(tmp_path, capsys):
     assert "resumed from" in (out / "log.txt").read_text() and "not bitwise" in (out / "log.txt").read_text()
     assert load_ckpt(out / "checkpoints/0000003.pt")["steps"] == 3
     assert _sample_run(str(tmp_path / "0000002.pt"), tmp_path / "s").shape == (6, 64, 64, 3)
+
+
+def test_each_optimiser_is_adamw_over_its_model_with_the_flags_values():
+    args = smoke_args("--learning-rate", "2e-4", "--vae-learning-rate", "3e-4", "--disc-learning-rate", "5e-4",
+                      "--adam-beta1", "0.8", "--adam-beta2", "0.95", "--adam-epsilon", "1e-6", "--adam-weight-decay",
+                      "0.05")
+    m = repae.build(args, CPU.device)
+    for opt, lr, model in ((m.opt, 2e-4, m.sit), (m.opt_vae, 3e-4, m.vae), (m.opt_disc, 5e-4, m.disc)):
+        (group,) = opt.param_groups
+        assert type(opt) is torch.optim.AdamW and [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+        assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (lr, (0.8, 0.95), 1e-6, 0.05)
 
 
 def test_pos_embed_is_trained_in_repae_and_frozen_with_a_frozen_vae():
@@ -1148,7 +1216,9 @@ def test_export_vae_round_trip(tmp_path, capsys):
     vae = repae.vae_models["f8d4"]()
     sit = repae.SiT_models["SiT-S/2"](input_size=8, z_dims=(16,), encoder_depth=2)
     sit.init_bn(torch.tensor([0.18215, 0.2, 0.3, 0.4]), torch.tensor([0.1, 0.0, -0.1, 0.2]))
-    official = dict(model=sit.state_dict(), ema=sit.state_dict(), vae=vae.state_dict(), steps=400_000,
+    online = copy.deepcopy(sit)
+    online.init_bn(torch.ones(4), torch.zeros(4))           # the statistics are the EMA SiT's, not the online one's
+    official = dict(model=online.state_dict(), ema=sit.state_dict(), vae=vae.state_dict(), steps=400_000,
                     args=argparse.Namespace(vae="f8d4", model="SiT-S/2"))        # released REPA-E layout
     torch.save(official, tmp_path / "0400000.pt")
     r = run_cli("repae.py", "--export-vae", str(tmp_path / "0400000.pt"), "--output-dir", str(tmp_path / "out"))
@@ -1182,6 +1252,11 @@ def test_frozen_training_on_an_exported_vae(tmp_path, monkeypatch):
     repae.repae_step(x, y, m, args)
     assert all(torch.equal(v, exported[k]) for k, v in m.vae.state_dict().items())
     assert not hasattr(m, "disc") and not hasattr(m, "lpips") and not hasattr(m, "opt_vae")
+    repae.save_checkpoint(str(tmp_path / "frozen.pt"), m, args, 1, CPU)
+    for path, run_args in ((run / "checkpoints/0000002.pt", smoke_args()), (tmp_path / "frozen.pt", args)):
+        # the size that prepare_run asks the disk for, before a run starts, against a written checkpoint: never
+        # less, and a little more here, as it sizes the projector for DINOv2-B where --smoke's encoder is narrower
+        assert 1 <= repae.checkpoint_gb(run_args) * 2 ** 30 / os.path.getsize(path) < 1.2
 
 
 #################################################################################
@@ -1593,6 +1668,33 @@ def test_sample_folder_npz_and_resume_regenerates_exactly_the_missing_pngs(tmp_p
     assert "other settings" in msg and "mixed_precision" in msg
 
 
+def test_sample_images_are_the_ema_sit_sampled_with_the_runs_settings_and_decoded_by_its_bn_stats(tmp_path):
+    """Each PNG, recomputed from the checkpoint by hand: the EMA SiT (not `model`), the run's path type and --heun
+    reach the sampler, z = z_n / scale + bias uses the EMA BatchNorm buffers, and [-1, 1] -> uint8 truncates
+    (floor of 127.5 (x + 1)), as the official generate.py whose samples gave the paper's FIDs."""
+    path, sit, vae = _sample_tiny(tmp_path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["args"].path_type = "cosine"
+    online = copy.deepcopy(sit)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    ckpt["model"] = online.state_dict()                     # the online SiT differs: samples must not come from it
+    torch.save(ckpt, path)
+    sit.eval()
+    scale, bias = sit.bn.running_var.rsqrt(), sit.bn.running_mean
+    noise, y, gens = sample.draw_inputs(range(6), 0, (4, 8, 8), 10)
+    for flags, fn in [(["--mode", "sde"], lambda: sample.euler_maruyama_sampler(
+                          sit, noise, y, 4, 2.0, 0.0, 0.7, path_type="cosine", generators=gens)),
+                      (["--mode", "ode", "--heun"], lambda: repae.euler_sampler(sit, noise, y, 4, 2.0, 0.0, 0.7, True))]:
+        arr = _sample_run(path, tmp_path / flags[1], *flags)
+        with torch.no_grad():
+            x = vae.decode(fn().float() / scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+        level = (127.5 * (x.double() + 1)).clamp(0, 255).permute(0, 2, 3, 1).numpy()
+        assert ((level - arr > -1e-3) & (level - arr < 1 + 1e-3)).all(), flags     # floor: level - arr in [0, 1)
+        assert (level - arr > 0.5).mean() > 0.2                                      # not rounding
+
+
 def test_sample_one_and_three_processes_give_identical_npz(tmp_path):
     # batches are fixed index ranges drawn from per-sample seeds, so 3 processes (gloo) redraw the same
     # floats as 1; both single-threaded, as torchrun sets OMP_NUM_THREADS=1 for its workers. Three: a
@@ -1687,6 +1789,8 @@ def _fid_random_net():
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    with torch.no_grad():
+        net.fc.weight.mul_(30)      # logits of a few units, so that IS moves measurably off 1 and a wrong one shows
     return net
 
 
@@ -1769,6 +1873,29 @@ def test_fid_precision_recall_fall_for_disjoint_sets():
     rng = np.random.default_rng(5)
     real, fake = rng.standard_normal((40, 16)), rng.standard_normal((30, 16)) + 100
     assert fid.precision_recall(real, fake, k=3) == (0.0, 0.0)
+
+
+def test_fid_precision_is_of_the_samples_and_recall_of_the_reference():
+    # Samples collapsed into the middle of the reference: every sample looks real (precision 1), but they cover
+    # almost none of the reference (recall near 0). The metrics named on the command line must say so.
+    rng = np.random.default_rng(6)
+    ref, samples = dict(pool=rng.standard_normal((60, 2))), dict(pool=0.01 * rng.standard_normal((60, 2)))
+    result = fid.compute_metrics(["pr"], samples, ref)
+    assert result["Precision"] == 1.0 and result["Recall"] < 0.1, result
+
+
+def test_fid_frechet_regularises_both_covariances_when_sqrtm_fails(monkeypatch):
+    # ADM (and pytorch-fid): if sqrtm(sigma1 sigma2) is not finite, retry on (sigma1 + eps I)(sigma2 + eps I)
+    rng = np.random.default_rng(8)
+    s1, s2 = (np.cov(rng.standard_normal((9, 4)), rowvar=False) for _ in range(2))
+    seen, sqrtm = [], fid.scipy.linalg.sqrtm
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda m: seen.append(m) or (np.full_like(m, np.inf) if len(seen)
+                                                                                   == 1 else sqrtm(m)))
+    d = fid.frechet_distance(np.zeros(4), s1, np.zeros(4), s2)
+    off = 1e-6 * np.eye(4)
+    np.testing.assert_allclose(seen[1], (s1 + off) @ (s2 + off), rtol=1e-12)
+    expected = np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrtm((s1 + off) @ (s2 + off)).real)
+    assert len(seen) == 2 and d == pytest.approx(expected, rel=1e-9)
 
 # ---------------------------------------------------------------- Inception network
 
@@ -1923,6 +2050,17 @@ def test_fid_cli_end_to_end(tmp_path, capsys, monkeypatch, _fid_ckpt):
                        "covariances.")
     with np.load(stats) as f:  # rank-deficient covariances are not saved as if they were statistics
         assert f.files == ["pool"] and f["pool"].shape == (4, 2048)
+        saved_pool = f["pool"]
+    # the printed metrics, recomputed from the network's outputs on the same images: IS from the softmax of the
+    # logits, precision over the samples' features against the reference's k-NN balls, recall the other way
+    with torch.no_grad():
+        (pool_s, _, logits), (pool_r, _, _) = (_fid_random_net()(torch.from_numpy(_fid_images(4, seed=s)))
+                                               for s in (1, 2))
+    np.testing.assert_allclose(saved_pool, pool_s.numpy(), rtol=1e-4, atol=1e-5)
+    is_ = fid.inception_score(torch.softmax(logits.double(), 1).numpy())
+    precision, recall = fid.precision_recall(pool_r.numpy(), pool_s.numpy())
+    assert float(lines["IS"]) == pytest.approx(is_, abs=2e-4) and abs(is_ - 1) > 2e-3
+    assert (float(lines["Precision"]), float(lines["Recall"])) == pytest.approx((precision, recall), abs=1e-4)
     # Statistics files on both sides need no network; in-process to save the ~8 s of importing
     # torch and torchvision again.
     monkeypatch.setattr(fid, "build_inception", lambda ckpt: pytest.fail("the network was built"))
@@ -1934,6 +2072,9 @@ def test_fid_cli_end_to_end(tmp_path, capsys, monkeypatch, _fid_ckpt):
     result = json.loads(capsys.readouterr().out)
     with np.load(a) as sa, np.load(b) as sb:
         assert result["FID"] == pytest.approx(fid.frechet_distance(sa["mu"], sa["sigma"], sb["mu"], sb["sigma"]))
+        sfid = fid.frechet_distance(sa["mu_s"], sa["sigma_s"], sb["mu_s"], sb["sigma_s"])
+        assert result["sFID"] == pytest.approx(sfid)
+        assert result["sFID"] != pytest.approx(result["FID"])
     assert float(lines["FID"]) == pytest.approx(result["FID"], abs=1e-4)
 
 
