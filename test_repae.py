@@ -441,11 +441,17 @@ def test_gradient_accumulation_equals_a_reference_loop():
 def test_missing_and_mismatched_weights(tmp_path, capsys, monkeypatch):
     args = repae.parse_args(["--vae-ckpt", str(tmp_path / "nope.pt"), "--model", "SiT-S/2"])
     assert "nope.pt' does not exist; pass the right path with --vae-ckpt" in error(capsys, repae.build, args, CPU.device)
+    (tmp_path / "b.safetensors").write_bytes(b"")
     with monkeypatch.context() as patch:                    # every named file is checked before any model is built
         patch.setattr(repae, "build", lambda *a: pytest.fail("a model was built"))
         msg = error(capsys, repae.main, smoke_args("--lpips-ckpt", str(tmp_path / "nope.pth"), "--output-dir",
                                                    str(tmp_path / "o")))
-    assert "nope.pth' does not exist; pass the right path with --lpips-ckpt" in msg and not (tmp_path / "o").exists()
+        assert "nope.pth' does not exist; pass the right path with --lpips-ckpt" in msg
+        msg = error(capsys, repae.main, smoke_args("--enc-type", "dinov2-vit-b,dinov2-vit-l", "--enc-ckpt",
+                                                   f"{tmp_path / 'b.safetensors'},{tmp_path / 'l.safetensors'}",
+                                                   "--output-dir", str(tmp_path / "o")))
+        assert f"weights file '{tmp_path / 'l.safetensors'}' does not exist; pass the right path with --enc-ckpt" in msg
+    assert not (tmp_path / "o").exists()
     torch.save(repae.AutoencoderKL(ch=32, ch_mult=(1, 2), z_channels=4, num_res_blocks=1).state_dict(), tmp_path / "v.pt")
     msg = error(capsys, repae.load_state, repae.vae_models["f8d4"](), torch.load(tmp_path / "v.pt"), "--vae-ckpt",
                 "--vae-ckpt/--vae")
@@ -479,10 +485,16 @@ def test_dinov2_offline_fails_fast_naming_the_flag(tmp_path, monkeypatch, capsys
     assert "--enc-ckpt" in error(capsys, repae.load_encoder, "dinov2-vit-b", 256, str(tmp_path / "missing.safetensors"))
     assert "dinov2-vit" in error(capsys, repae.dinov2_timm_name, "mocov3-vit-b")
     assert repae.dinov2_timm_name("dinov2-vit-l-reg") == "vit_large_patch14_reg4_dinov2.lvd142m"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")               # read as huggingface_hub reads it: not offline
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")   # behind a proxy only the hub client can try
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed around the proxy"))
-    assert repae.online()
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed the network"))
+    for value in ("1", "ON", "yes", "True"):                # read as huggingface_hub reads it: offline, no probe
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert not repae.online()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")               # not offline
+    for proxy in ("HTTPS_PROXY", "https_proxy"):            # behind a proxy only the hub client can try
+        monkeypatch.delenv("HTTPS_PROXY", raising=False)
+        monkeypatch.delenv("https_proxy", raising=False)
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+        assert repae.online()
 
 
 class _TamingNetLinLayer(nn.Module):
@@ -607,11 +619,25 @@ def test_vae_latent_stats_and_discriminator_load_in_the_released_layout(publishe
 
 
 def test_contradictory_flags_are_refused(monkeypatch, capsys):
+    cache = ["--cache-latents", "--vae-latents-name", "c", "--vae-ckpt", "v.pt"]
     for argv, msg in [(["--freeze-vae", "--no-stop-grad"], "--no-stop-grad"), (["--proj-coeff", "0"], "projector"),
-                      (["--resolution", "100"], "multiple of 32")]:
+                      (["--resolution", "100"], "multiple of 32"), (["--resolution", "48"], "multiple of 32"),
+                      (["--vae", "f16d32"], "--vae f16d32 needs its weights: pass --vae-ckpt"),
+                      (["--enc-type", "dinov2-vit-b,dinov2-vit-l", "--enc-ckpt", "b.safetensors"],
+                       "--enc-ckpt must name one file per --enc-type encoder (2)"),
+                      (["--enc-type", "mocov3-vit-b"], "--enc-type 'mocov3-vit-b' is not one of dinov2-vit"),
+                      ([*cache, "--max-images", "8"], "takes no --output-dir or --max-images"),
+                      ([*cache, "--output-dir", "o"], "takes no --output-dir or --max-images")]:
         with pytest.raises(SystemExit):
             repae.parse_args(argv)
         assert msg in capsys.readouterr().err
+    # the derived defaults: --benchmark builds random weights, the run folder names the method, the cache's batch
+    bench = repae.parse_args(["--benchmark", "2"])
+    assert bench.random_weights and bench.vae_ckpt is None
+    assert [repae.parse_args(f).exp_name for f in ([], ["--no-stop-grad"], ["--freeze-vae"],
+                                                    ["--freeze-vae", "--proj-coeff", "0"])] == \
+        [f"SiT-XL-2-f8d4-{m}-256" for m in ("repae", "repae-nostopgrad", "repa", "vanilla")]
+    assert repae.parse_args(cache).pproc_batch_size == 128
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
         repae.parse_args(["--batch-size", "3"])
@@ -665,12 +691,18 @@ def test_resume_is_bitwise_exact(tmp_path):
     for k in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "rng", "steps"):
         assert_same(a[k], b[k], k)
     assert not torch.equal(a["ema"]["final_layer.linear.weight"], a["model"]["final_layer.linear.weight"])
-    assert "resumed from" in (two / "log.txt").read_text()
+    log = (two / "log.txt").read_text()                     # appended to: the first part's lines are kept
+    assert "done: steps 0 to 4" in log and "at step 4\n" in log and "not bitwise" not in log
+    assert json.loads((two / "args.json").read_text())["max_train_steps"] == 4      # the run's first command, kept
     timing = {"img_per_s", "steps_per_s", "peak_mem_gb", "elapsed_s", "eta_s"}
     metrics = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                for run in (one, two)}
     assert [r["step"] for r in metrics[one]] == [2, 4, 6, 7]
     assert {"l_diff", "latent_tv", "bn_var"} | timing <= set(metrics[one][0])
+    last = metrics[one][-1]                                 # the EMA SiT's BN (what sampling decodes with), K = 2
+    assert (last["bn_mean"], last["bn_var"]) == pytest.approx((a["ema"]["bn.running_mean"].mean().item(),
+                                                              a["ema"]["bn.running_var"].mean().item()), rel=1e-6)
+    assert last["img_per_s"] == pytest.approx(last["steps_per_s"] * 4 * 2)
     # the resumed run's log is the uninterrupted one's: its row at the resume step kept once, the same losses after it
     assert [{k: v for k, v in r.items() if k not in timing} for r in metrics[one]] == \
         [{k: v for k, v in r.items() if k not in timing} for r in metrics[two]]
@@ -707,7 +739,16 @@ def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
 
 def test_corrupt_checkpoint_is_detected_on_resume(tmp_path, capsys):
     run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
-    path = run / "checkpoints/0000002.pt"
+    path, args = run / "checkpoints/0000002.pt", smoke_args()
+    ckpt, m = load_ckpt(path), repae.build(args, CPU.device)
+    torch.save({k: v for k, v in ckpt.items() if k != "opt_disc"}, tmp_path / "part.pt")
+    assert f"part.pt' lacks ['opt_disc']; it is not a training checkpoint of this configuration" in \
+        error(capsys, repae.load_checkpoint, str(tmp_path / "part.pt"), m, args, CPU)
+    # saved by 2 processes, continued by 3: not bitwise, so each rank reseeds with (seed + rank + step)
+    torch.save({**ckpt, "rng": ckpt["rng"] * 2}, tmp_path / "two.pt")
+    rank1 = SimpleNamespace(**{**vars(CPU), "world": 3, "rank": 1})
+    assert repae.load_checkpoint(str(tmp_path / "two.pt"), m, args, rank1) == (2, False)
+    assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(args.seed + 1 + 2)))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert re.search("0000002.pt.*corrupt", error(capsys, train, tmp_path, "--max-train-steps", "4", "--resume", "auto"))
 
@@ -730,6 +771,28 @@ def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path, monkeyp
     assert "no checkpoint was written before it" in msg and os.listdir(tmp_path / "b/smoke/checkpoints") == []
 
 
+def torchrun_smoke(tmp_path, patch, *flags):
+    """A smoke training run under `torchrun --nproc_per_node=2`, each process running `patch` (Python source that
+    wraps repae's functions) before repae.main."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import os, sys, torch, repae\n{patch}repae.main(repae.parse_args(sys.argv[1:]))\n")
+    return run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", str(driver), "--smoke", "--output-dir",
+                   str(tmp_path), "--sample-every", "0", *flags, env={"PYTHONPATH": HERE})
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    r = torchrun_smoke(tmp_path, "step, calls = repae.train_step, []\n"
+                                 "def nan_on_rank_1(*a):\n"
+                                 "    logs = step(*a)\n"
+                                 "    calls.append(1)\n"
+                                 "    bad = len(calls) == 2 and os.environ['RANK'] == '1'\n"
+                                 "    return {**logs, 'l_diff': logs['l_diff'] * float('nan')} if bad else logs\n"
+                                 "repae.train_step = nan_on_rank_1\n",
+                       "--max-train-steps", "4", "--checkpointing-steps", "4", "--log-every", "2")
+    assert r.returncode != 0 and "non-finite loss or gradient at step 2: on another rank" in r.stderr
+    assert os.listdir(tmp_path / "smoke/checkpoints") == [] and "done:" not in (tmp_path / "smoke/log.txt").read_text()
+
+
 def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler_not_a_stop(tmp_path, monkeypatch, capsys):
     """--mixed-precision fp16, by its CPU stand-in: the loss scale a long run reaches by doubling (here from the start)
     overflows the gradients; GradScaler skips those updates and halves its scale, and the run goes on. A non-finite
@@ -744,7 +807,10 @@ def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler_not_a_stop(tmp_pat
     run = train(tmp_path, "--max-train-steps", "3", "--checkpointing-steps", "3", "--log-every", "1")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert not math.isfinite(rows[0]["grad_norm_sit"]) and all(math.isfinite(r["l_diff"]) for r in rows)
-    assert load_ckpt(run / "checkpoints/0000003.pt")["scaler"]["scale"] < 2.0 ** 100
+    scale = load_ckpt(run / "checkpoints/0000003.pt")["scaler"]["scale"]
+    assert scale < 2.0 ** 100
+    run = train(tmp_path, "--max-train-steps", "4", "--checkpointing-steps", "4", "--resume", "auto")
+    assert load_ckpt(run / "checkpoints/0000004.pt")["scaler"]["scale"] <= scale    # resumed, not a new 2 ** 100
     step = repae.repae_step
     monkeypatch.setattr(repae, "repae_step", lambda *a: {**step(*a), "l_diff": torch.tensor(float("nan"))})
     assert "non-finite loss or gradient at step 1: " in error(capsys, train, tmp_path / "b", code=1)
@@ -771,6 +837,12 @@ def test_data_errors_are_found_before_anything_is_written(tmp_path, capsys):
         out = tmp_path / f"out{len(msg)}"
         assert msg in error(capsys, repae.main, smoke_args("--data-dir", str(d), "--output-dir", str(out)))
         assert not out.exists()                             # a refused run leaves no folder behind
+    make_images(tmp_path / "three", 3, 4)
+    for flags, msg in [(["--num-classes", "2"], "holds 12 images (.jpg, .png, ...) in 3 class sub-folders for "
+                                                "--num-classes 2; it needs images, and no more classes than that"),
+                       (["--batch-size", "4", "--gradient-accumulation-steps", "4"],
+                        "has 12 images, fewer than one update (--batch-size 4 x --gradient-accumulation-steps 4)")]:
+        assert msg in error(capsys, repae.main, smoke_args("--data-dir", str(tmp_path / "three"), *flags))
 
 
 def test_a_broken_image_mid_run_is_skipped_named_and_counted(tmp_path, capsys, monkeypatch):
@@ -784,6 +856,8 @@ def test_a_broken_image_mid_run_is_skipped_named_and_counted(tmp_path, capsys, m
     assert "warning: skipped unreadable image" in err and "huge.png' (Image size (40000 pixels) exceeds" in err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and rows[-1]["skipped_images"] >= 1       # 10 images, 8 per epoch: seen once at least
+    ds = repae.ImageFolder(str(d), 64)                      # bad.png (item 8), huge.png (9): the next readable, 0
+    assert ds.targets[8] == 1 and ds[8]["skipped"] and ds[8]["y"] == 0 and torch.equal(ds[8]["x"], ds[0]["x"])
     assert load_ckpt(run / "checkpoints/0000004.pt")["steps"] == 4
 
 
@@ -805,19 +879,23 @@ def test_image_folder_adm_crop(tmp_path):
 def test_two_process_gloo_run_keeps_replicas_identical_and_counts_every_skipped_image(tmp_path):
     make_images(tmp_path / "data", 2, 8)
     (tmp_path / "data/class1/bad.png").write_bytes(b"no png")     # 17 images: each rank draws 8 of them an epoch
-    driver = tmp_path / "driver.py"
-    driver.write_text(
-        "import sys, torch, repae\n"
+    r = torchrun_smoke(
+        tmp_path,
         "save = repae.save_checkpoint\n"
         "def per_rank(path, m, args, step, d):\n"
         "    torch.save(dict(sit=m.sit.state_dict(), vae=list(m.vae.parameters()), disc=list(m.disc.parameters()),\n"
         "                    ema=m.ema.state_dict()), f'{path}.rank{d.rank}')\n"
         "    save(path, m, args, step, d)\n"
         "repae.save_checkpoint = per_rank\n"
-        "repae.main(repae.parse_args(sys.argv[1:]))\n")
-    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", str(driver), "--smoke", "--output-dir",
-                str(tmp_path), "--max-train-steps", "3", "--checkpointing-steps", "3", "--sample-every", "0",
-                "--data-dir", str(tmp_path / "data"), "--gradient-accumulation-steps", "2", env={"PYTHONPATH": HERE})
+        "step = repae.train_step\n"
+        "def logged(micro, m, args, device):\n"
+        "    logs = step(micro, m, args, device)\n"
+        "    rank = repae.dist.get_rank()\n"
+        "    torch.save({k: v.item() for k, v in logs.items()}, f'{args.output_dir}/logs.rank{rank}')\n"
+        "    return logs\n"
+        "repae.train_step = logged\n",
+        "--max-train-steps", "3", "--checkpointing-steps", "3", "--data-dir", str(tmp_path / "data"),
+        "--gradient-accumulation-steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"smoke/checkpoints/0000003.pt.rank{i}", weights_only=True) for i in (0, 1))
     assert_same(a, b)
@@ -826,6 +904,11 @@ def test_two_process_gloo_run_keeps_replicas_identical_and_counts_every_skipped_
     rows = [json.loads(line) for line in (tmp_path / "smoke/metrics.jsonl").read_text().splitlines()]
     warned = r.stderr.count("warning: skipped unreadable image")
     assert warned >= 2 and rows[-1]["skipped_images"] == warned, (warned, rows[-1]["skipped_images"])
+    # the logged losses and norms of step 3 are the mean of the two ranks' own values
+    ranks = [torch.load(tmp_path / f"logs.rank{i}") for i in (0, 1)]
+    assert ranks[0]["l_diff"] != ranks[1]["l_diff"]
+    assert {k: rows[-1][k] for k in ranks[0]} == pytest.approx({k: (ranks[0][k] + ranks[1][k]) / 2 for k in ranks[0]},
+                                                                rel=1e-5)
 
 
 def test_smoke_cli_end_to_end(tmp_path):
@@ -834,6 +917,7 @@ def test_smoke_cli_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "smoke"
     assert "random weights" in r.stdout and "done: steps 0 to 4" in r.stdout and "smoke-size SiT-XL/2" in r.stdout
+    assert r.stdout.count("saved checkpoint") == 1          # the last step's checkpoint is not written twice
     assert {"0000004-samples.png", "0000004-recon.png"} <= set(os.listdir(run / "samples"))
     assert Image.open(run / "samples/0000004-samples.png").size == (4 * 66 + 2, 4 * 66 + 2)
     assert json.loads((run / "args.json").read_text())["smoke"] is True
@@ -951,22 +1035,28 @@ def restore_determinism(monkeypatch):
     """--deterministic changes process-wide switches; the tests that set them put them back."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             [getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in ("flash", "mem_efficient", "cudnn")])
+             [getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in ("flash", "mem_efficient", "cudnn")],
+             (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
     yield
     torch.use_deterministic_algorithms(saved[0])
     torch.backends.cudnn.deterministic = saved[1]
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[3]
     for name, on in zip(("flash", "mem_efficient", "cudnn"), saved[2]):
         getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)
 
 
 def test_deterministic_sets_every_switch_before_cuda_work(restore_determinism):
     """The CPU stand-in of the CUDA resume test below: --deterministic turns on deterministic algorithms, cuBLAS's
-    fixed workspace, deterministic cuDNN, and the math attention backward (flash's accumulates with atomics)."""
+    fixed workspace, deterministic cuDNN, and the math attention backward (flash's accumulates with atomics);
+    --allow-tf32 sets both TF32 switches."""
     repae.init_distributed(deterministic=True)
     assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
                 or torch.backends.cuda.cudnn_sdp_enabled())
+    for tf32 in (False, True):                              # --no-allow-tf32: full float32 matmuls and convolutions
+        repae.init_distributed(allow_tf32=tf32)
+        assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == tf32
 
 
 @cuda_only
@@ -991,6 +1081,7 @@ def snapshot(folder):
 
 
 def test_a_rerun_never_changes_an_earlier_run(tmp_path, capsys):
+    (tmp_path / "smoke").mkdir()                            # an empty run folder (made for a job's logs) is no run
     run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
     before = snapshot(run)
     msg = error(capsys, train, tmp_path, "--max-train-steps", "2")
@@ -1003,7 +1094,9 @@ def test_a_rerun_never_changes_an_earlier_run(tmp_path, capsys):
     before = snapshot(run)                                  # going back to 2 there would drop 3, 4 and keep 4.pt
     msg = error(capsys, train, tmp_path, "--max-train-steps", "6", "--resume-step", "2")
     assert "holds a run with checkpoints up to 0000004.pt; continuing it from" in msg and "with a new --exp-name" in msg
-    assert snapshot(run) == before
+    msg = error(capsys, train, tmp_path / "other", "--resume", str(run / "checkpoints/0000003.pt"))
+    assert "0000003.pt' does not exist; name an existing one with --resume or --resume-step" in msg
+    assert snapshot(run) == before and not (tmp_path / "other").exists()
 
 
 def test_smoke_and_random_weights_load_the_files_they_are_given(tmp_path):
@@ -1029,6 +1122,8 @@ def test_smoke_defaults_never_override_given_flags_and_names_must_be_exact(tmp_p
     make_images(tmp_path / "d", 4, 2)
     assert smoke_args("--data-dir", str(tmp_path / "d")).num_classes == 4                 # the folder's classes
     assert smoke_args("--data-dir", str(tmp_path / "d"), "--num-classes", "7").num_classes == 7
+    ds = repae.SmokeImages(20, 64, 10)                      # no folder: class i % 10, each image its own disc
+    assert ds[3]["y"] == ds[13]["y"] == 3 and not torch.equal(ds[3]["x"], ds[13]["x"])
     r = run_cli(os.path.join(HERE, "repae.py"), "--smoke", "--max-train-step", "2", cwd=tmp_path)   # abbreviated
     assert r.returncode == 2 and r.stdout == "" and not (tmp_path / "exps").exists()
     assert r.stderr == "repae.py: error: unrecognized arguments: --max-train-step 2 (see repae.py --help)\n"
@@ -1058,6 +1153,7 @@ losses:
     (["--gradient-accumulation-steps", "x"], "argument --gradient-accumulation-steps: invalid number value: 'x'"),
     (["--loss-cfg-path", "{changed}"], "sets kl_weight: 1e-4, but this implementation computes only the released"),
     (["--loss-cfg-path", "{missing}"], "does not exist; drop the flag"),
+    (["--loss-cfg-path", "{extra}"], "sets lecam_ema_decay: 0.999, but this implementation computes only the released"),
     (["--no-fused-attn"], "always uses scaled_dot_product_attention"),
     (["--prediction", "eps"], "argument --prediction: invalid choice: 'eps'"),
     (["--cache-latents"], "--cache-latents writes <data-dir>/<name>.npy"),
@@ -1071,7 +1167,9 @@ losses:
     (["--export-vae", "x.pt", "--cache-latents", "--vae-latents-name", "c", "--vae-ckpt", "v.pt"], "separate runs")])
 def test_bad_flags_get_one_sentence(tmp_path, argv, message, capsys):
     (tmp_path / "changed.yaml").write_text(RELEASED_LOSS_CFG.replace("kl_weight: 1e-6", "kl_weight: 1e-4"))
-    argv = [a.format(changed=tmp_path / "changed.yaml", missing=tmp_path / "nope.yaml") for a in argv]
+    (tmp_path / "extra.yaml").write_text(RELEASED_LOSS_CFG + "    lecam_ema_decay: 0.999\n")    # a key it lacks
+    argv = [a.format(changed=tmp_path / "changed.yaml", missing=tmp_path / "nope.yaml", extra=tmp_path / "extra.yaml")
+            for a in argv]
     msg = error(capsys, smoke_args, *argv)
     assert message in msg and len(msg.splitlines()) == 1
 
@@ -1081,18 +1179,26 @@ def test_the_released_loss_config_and_tracker_flags_are_accepted(tmp_path, capsy
     args = smoke_args("--loss-cfg-path", str(tmp_path / "l1_lpips_kl_gan.yaml"), "--report-to", "wandb")
     assert args.loss_cfg_path and "metrics go to the run folder's metrics.jsonl and log.txt; the run continues" in \
         capsys.readouterr().err
+    smoke_args("--logging-dir", "logs")                     # any of the three flags gets the note
+    assert "--report-to, --logging-dir and --wandb-history-path are accepted" in capsys.readouterr().err
 
 
 def test_output_folder_disk_space_and_write_errors(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("")
     msg = error(capsys, repae.main, smoke_args("--output-dir", str(tmp_path / "file" / "x")))
     assert "is a file, so the run folder" in msg and "pass another --output-dir" in msg
-    usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with monkeypatch.context() as patch:                    # root may write anywhere: os.access stands in
+        patch.setattr(os, "access", lambda path, mode: path != str(tmp_path))
+        msg = error(capsys, repae.main, smoke_args("--output-dir", str(tmp_path / "out")))
+    assert f"cannot write in '{tmp_path}', where the run folder" in msg and "pass a writable --output-dir" in msg
+    usage, need = shutil.disk_usage(tmp_path), repae.checkpoint_gb(smoke_args()) * 2 ** 30
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=int(0.99 * need)))
     msg = error(capsys, repae.main, smoke_args("--output-dir", str(tmp_path / "out")))
-    assert "one checkpoint of this run takes 0.0" in msg and "has 0.00 GB free" in msg and not (tmp_path / "out").exists()
-    monkeypatch.undo()
+    assert "one checkpoint of this run takes 0.0" in msg and " GB free; free some" in msg
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=int(1.01 * need)))   # room for one: runs
     run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
+    monkeypatch.undo()
     before = snapshot(run / "checkpoints")
     os.symlink("/dev/full", run / "checkpoints/0000004.pt.tmp")   # writing there fails with ENOSPC: a full disk
     msg = error(capsys, train, tmp_path, "--max-train-steps", "4", "--checkpointing-steps", "2", "--resume", "auto",
@@ -1274,6 +1380,8 @@ def test_latent_cache_holds_the_posterior_resumes_and_trains_like_the_encoder(tm
     torch.save(vae.state_dict(), tmp_path / "v.pt")
     torch.save(dict(latents_scale=torch.full((1, 4, 1, 1), 0.5), latents_bias=torch.zeros(1, 4, 1, 1)),
                tmp_path / "v-latents-stats.pt")
+    torch.save(repae.build_vae(smoke_args()).state_dict(), tmp_path / "other.pt")   # another VAE
+    shutil.copy(tmp_path / "v-latents-stats.pt", tmp_path / "other-latents-stats.pt")
     flags = ["--data-dir", str(d), "--vae-ckpt", str(tmp_path / "v.pt"), "--vae-latents-name", "lat"]
     repae.cache_latents(smoke_args("--cache-latents", "--pproc-batch-size", "3", *flags))
     moments, done = np.load(d / "lat.npy"), np.load(d / "lat.done.npy")
@@ -1289,12 +1397,23 @@ def test_latent_cache_holds_the_posterior_resumes_and_trains_like_the_encoder(tm
     cached[3:] = 0                                          # with the default --pproc-batch-size or another one
     np.lib.format.open_memmap(d / "lat.done.npy", "r+")[3:] = 0
     del cached
+    capsys.readouterr()
     repae.cache_latents(smoke_args("--cache-latents", *flags))
     np.testing.assert_array_equal(np.load(d / "lat.npy"), moments)
+    assert "cached 1/1 batches" in capsys.readouterr().out  # only the batch (of 128) that holds images not done
     np.lib.format.open_memmap(d / "lat.npy", "r+")[5:] = 0
     np.lib.format.open_memmap(d / "lat.done.npy", "r+")[5:] = 0
     repae.cache_latents(smoke_args("--cache-latents", "--pproc-batch-size", "2", *flags))
     np.testing.assert_array_equal(np.load(d / "lat.npy"), moments)
+    assert "cached 2/2 batches" in capsys.readouterr().out  # images 5, 6, 7 lie in batches 2 and 3 of size 2
+    # under torchrun each process encodes its share of the batches: rank 0 takes batches 0 and 2 of 3
+    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "repae.py", "--smoke", "--cache-latents",
+                "--pproc-batch-size", "3", *flags[:-1], "lat2", env={"PYTHONPATH": HERE})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cached 2/2 batches" in r.stdout                 # other thread counts: equal up to float32 round-off
+    np.testing.assert_allclose(np.load(d / "lat2.npy"), moments, rtol=1e-5, atol=1e-6)
+    assert "holds the latents of another VAE" in error(capsys, repae.cache_latents, smoke_args(
+        "--cache-latents", *flags[:2], "--vae-ckpt", str(tmp_path / "other.pt"), "--vae-latents-name", "lat"))
     # training from the cache never runs the encoder and gives the encoder path's losses for the same draws
     args = smoke_args("--batch-size", "4", *flags)
     assert args.freeze_vae and "stays frozen" in capsys.readouterr().err
@@ -1308,14 +1427,19 @@ def test_latent_cache_holds_the_posterior_resumes_and_trains_like_the_encoder(tm
         logs.append(repae.repae_step(batch["x"], batch["y"], m, args, batch["moments"] if use_cache else None))
     for k in logs[0]:
         torch.testing.assert_close(logs[0][k], logs[1][k], rtol=1e-5, atol=1e-6, msg=k)
-    torch.save(repae.build_vae(smoke_args()).state_dict(), tmp_path / "other.pt")   # another VAE: refused
-    shutil.copy(tmp_path / "v-latents-stats.pt", tmp_path / "other-latents-stats.pt")
+    # a cache of another VAE, resolution or file list is refused, and an incomplete one
     msg = error(capsys, repae.build_dataset, smoke_args(*flags[:2], "--vae-ckpt", str(tmp_path / "other.pt"),
                                                       "--vae-latents-name", "lat"))
     assert "was made with another vae_weights" in msg
     assert "was made with another resolution" in error(capsys, repae.build_dataset, smoke_args("--resolution", "96", *flags))
+    assert "there is no latent cache" in error(capsys, repae.build_dataset, smoke_args(*flags[:-1], "nothere"))
     np.lib.format.open_memmap(d / "lat.done.npy", "r+")[2] = 0
     assert "is incomplete" in error(capsys, repae.build_dataset, smoke_args(*flags))
+    (d / "class0/3.png").write_bytes(b"no png")             # broken after caching: item 3 is image 4, with its moments
+    item = repae.ImageFolder(str(d), 64, str(d / "lat"))[3]
+    assert item["skipped"] and item["y"] == 1 and torch.equal(item["moments"], torch.from_numpy(moments[4]))
+    os.rename(d / "class0/0.png", d / "class0/9.png")       # as many images, but other files
+    assert "was made with another files" in error(capsys, repae.build_dataset, smoke_args(*flags))
 
 
 # The four commands of the released README (End2End-Diffusion/REPA-E), after the launcher and the script name
@@ -1593,7 +1717,8 @@ def test_sample_inputs_and_sde_noise_do_not_depend_on_the_batch():
     noise, y, gens = sample.draw_inputs(range(6), 7, shape, 5)
     parts = [sample.draw_inputs(range(a, b), 7, shape, 5) for a, b in ((0, 2), (2, 6))]
     assert torch.equal(noise, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
-    assert not torch.equal(noise, sample.draw_inputs(range(6), 8, shape, 5)[0])
+    seed8 = sample.draw_inputs(range(6), 8, shape, 5)[0]     # another seed is another set, not this one shifted
+    assert not any(torch.equal(a, b) for a in noise for b in seed8)
     model = _SampleGaussianModel([0.0, 1.0, 2.0, 3.0, 4.0], 0.5)
     whole = sample.euler_maruyama_sampler(model, noise, y, num_steps=6, generators=gens)
     split = torch.cat([sample.euler_maruyama_sampler(model, p[0], p[1], num_steps=6, generators=p[2]) for p in parts])
@@ -1653,6 +1778,8 @@ def test_sample_folder_npz_and_resume_regenerates_exactly_the_missing_pngs(tmp_p
     assert arr.shape == (6, 64, 64, 3) and arr.dtype == np.uint8 and len({a.tobytes() for a in arr}) == 6
     (folder,) = [out / f for f in os.listdir(out) if not f.endswith(".npz")]
     assert folder.name == "e2e-sde4-cfg2.0-0.0-0.7-seed0-n6"             # generate.py's: settings in the name
+    assert sample.sample_folder(sample.parse_args(["--ckpt", "exps/run/checkpoints/0000020.pt", "--balanced"])) == \
+        "samples/run-0000020-sde250-cfg1.0-0.0-1.0-seed0-n50000-balanced"   # a run's checkpoint: the run named
     names = [f"{i:06d}.png" for i in range(6)]
     data = {n: (folder / n).read_bytes() for n in names}
     mtimes = {n: (folder / n).stat().st_mtime_ns for n in names}
@@ -1669,6 +1796,9 @@ def test_sample_folder_npz_and_resume_regenerates_exactly_the_missing_pngs(tmp_p
     assert all((folder / n).stat().st_mtime_ns == mtimes[n] for n in names if n not in (names[1], names[4]))
     msg = error(capsys, _sample_run, ckpt, out, "--mixed-precision", "bf16")   # never mix samples of two settings
     assert "other settings" in msg and "mixed_precision" in msg
+    (folder / names[2]).unlink()                            # another batch size draws the same images: not refused
+    os.remove(f"{folder}.npz")
+    assert np.array_equal(_sample_run(ckpt, out, "--pproc-batch-size", "3"), arr)
 
 
 def test_sample_images_are_the_ema_sit_sampled_with_the_runs_settings_and_decoded_by_its_bn_stats(tmp_path):
@@ -1762,7 +1892,7 @@ def test_sample_official_repae_checkpoint_layout(tmp_path, monkeypatch, capsys):
     assert "does not match" in msg and not (tmp_path / "bad").exists()       # a mismatch names itself
 
 
-def test_sample_grid_and_refusals(tmp_path, capsys):
+def test_sample_grid_and_refusals(tmp_path, capsys, monkeypatch):
     ckpt, _, _ = _sample_tiny(tmp_path)
     args = lambda labels: sample.parse_args(["--ckpt", ckpt, "--grid", "--class-labels", labels, "--num-steps", "4",
                                              "--mode", "ode", "--sample-dir", str(tmp_path / labels)])
@@ -1776,9 +1906,24 @@ def test_sample_grid_and_refusals(tmp_path, capsys):
     assert "lie in" in error(capsys, sample.main, args("1,10"))
     assert "invalid class_labels value: '1,2,'" in error(capsys, args, "1,2,")      # one line, before any model
     assert "--global-seed: must be at least 0" in error(capsys, sample.parse_args, ["--ckpt", ckpt, "--global-seed", "-1"])
+    for argv, msg in [(["--exp-path", "exps/run"], "name the checkpoint with --ckpt, or with --exp-path and --train-"),
+                      (["--exp-path", "exps/run", "--train-steps", "20", "--ckpt", ckpt], "or with --exp-path and"),
+                      (["--ckpt", ckpt, "--guidance-low", "0.8", "--guidance-high", "0.7"], "must not exceed"),
+                      (["--ckpt", ckpt, "--grid", "--class-labels", "1", "--balanced"], "drop it with --class-labels"),
+                      (["--ckpt", ckpt, "--class-labels", "1,2"], "--grid and --class-labels go together")]:
+        assert msg in error(capsys, sample.parse_args, argv)
+    with monkeypatch.context() as patch:                    # a grid is one process's work: torchrun is refused
+        patch.setattr(repae, "init_distributed", lambda **kw: SimpleNamespace(**{**vars(CPU), "world": 2}))
+        assert "run it with python sample.py, not torchrun" in error(capsys, sample.main, args("1,3"))
     no_ema = tmp_path / "no_ema.pt"
     torch.save(dict(model=torch.load(ckpt, weights_only=False)["model"]), no_ema)
     assert "no 'ema'" in error(capsys, _sample_run, str(no_ema), tmp_path / "x")
+    run = repae.parse_args(["--smoke", "--cfg-prob", "0"])  # no label dropout, no null label: no guidance
+    vae = repae.build_vae(run)
+    torch.save(dict(ema=repae.build_sit(run, [64], vae).state_dict(), vae=vae.state_dict(), args=run),
+               tmp_path / "c.pt")
+    assert "trained without label dropout (--cfg-prob 0), so it has no null label; use --cfg-scale 1" in \
+        error(capsys, _sample_run, str(tmp_path / "c.pt"), tmp_path / "y")
 
 
 #################################################################################
