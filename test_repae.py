@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -2141,7 +2142,7 @@ def test_fid_bad_folders(tmp_path):
         d.mkdir()
     with pytest.raises(ValueError, match="no png/jpg/jpeg/webp"):
         fid.load_side(str(empty))
-    Image.fromarray(_fid_images(1)[0]).save(one / "a.png")
+    Image.fromarray(_fid_images(1)[0]).save(one / "a.PNG")  # extensions in any case, as cameras and Windows write
     assert fid.load_side(str(one))[1][0] == 1  # enough for IS; the other metrics are decided by choose_metrics
     Image.fromarray(_fid_images(1, size=8)[0]).save(mixed / "a.png")
     Image.fromarray(_fid_images(1, size=16)[0]).save(mixed / "b.jpg")
@@ -2158,17 +2159,45 @@ def test_fid_bad_paths_and_statistics_files(tmp_path):
     np.savez(tmp_path / "half.npz", mu=np.zeros(3))
     with pytest.raises(ValueError, match="mu without sigma"):
         fid.load_side(str(tmp_path / "half.npz"))
+    for name, arrays, message in [("wide", dict(mu=np.zeros(3), sigma=np.zeros((3, 4))), "a float matrix \\(d, d\\)"),
+                                  ("intpool", dict(pool=np.zeros((5, 3), np.int64)), "pool must be float features"),
+                                  ("flatpool", dict(pool=np.zeros(5)), "pool must be float features of shape")]:
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(ValueError, match=message):
+            fid.load_side(str(tmp_path / f"{name}.npz"))
+    with zipfile.ZipFile(tmp_path / "padded.npz", "w") as zf:  # a member longer than its header says
+        with zf.open("arr_0.npy", "w") as f:
+            np.save(f, _fid_images(2, size=8))
+            f.write(bytes(7))
+    with pytest.raises(ValueError, match="arr_0 is truncated or padded"):
+        fid.load_side(str(tmp_path / "padded.npz"))
+    (tmp_path / "one.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="one.png is neither a .npz file nor a folder of images"):
+        fid.load_side(str(tmp_path / "one.png"))
     np.savez(tmp_path / "fidonly.npz", mu=np.zeros(3), sigma=np.eye(3))
     side = ("fidonly.npz", *fid.load_side(str(tmp_path / "fidonly.npz")))
+    np.savez(tmp_path / "ten.npz", arr_0=_fid_images(10, size=8))
+    images = ("ten.npz", *fid.load_side(str(tmp_path / "ten.npz")))
+    assert fid.choose_metrics(["is"], [images, side]) == (["is"], None)   # IS looks at the samples only
+    for save, of, message in [(str(tmp_path / "s.txt"), images, "--save-stats .*s.txt must be a .npz path"),
+                              (str(tmp_path / "s.npz"), side, "statistics computed from images, and fidonly.npz has")]:
+        with pytest.raises(ValueError, match=message):
+            fid._save_keys(save, of)
+    np.savez(tmp_path / "pool3.npz", pool=np.zeros((3, 4)))    # k = 3 neighbours need more than 3 features
+    with pytest.raises(ValueError, match="pool3.npz has 3 pool features"):
+        fid.choose_metrics(["pr"], [images, ("pool3.npz", *fid.load_side(str(tmp_path / "pool3.npz")))])
     with pytest.raises(ValueError, match="fidonly.npz has no images and no mu_s/sigma_s"):
         fid.choose_metrics(["sfid"], [side, side])  # sFID asked of a file that only has FID stats
     assert fid.choose_metrics(None, [side, side])[0] == ["fid"]
 
 
-def test_fid_main_reports_bad_input_in_one_line(tmp_path, capsys):
+def test_fid_main_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     with pytest.raises(SystemExit) as e:
         fid.main(fid.parse_args([str(tmp_path / "nope"), str(tmp_path / "nope2"), "--device", "cpu"]))
     assert e.value.code == 2
+    assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)   # float32, as ADM's
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as e:
@@ -2391,7 +2420,9 @@ def test_fid_bad_counts_and_devices_are_one_line_from_the_parser(capsys):
     for flags, message in ((["--batch-size", "-5"], "argument --batch-size: must be at least 1, got -5"),
                            (["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
                            (["--batch-size", "x"], "argument --batch-size: invalid count value: 'x'"),
-                           (["--device", "foo"], "argument --device: 'foo' is not a torch device")):
+                           (["--device", "foo"], "argument --device: 'foo' is not a torch device"),
+                           (["--device", "cuda"], "argument --device: CUDA is not available on this machine; use "
+                                                  "--device cpu")):
         with pytest.raises(SystemExit) as e:
             fid.parse_args(["s.npz", "r.npz", *flags])
         err = capsys.readouterr().err
