@@ -1033,7 +1033,7 @@ def test_more_processes_than_gpus_is_refused_before_any_model(monkeypatch, capsy
 
 @pytest.fixture
 def restore_determinism(monkeypatch):
-    """--deterministic changes process-wide switches; the tests that set them put them back."""
+    """--deterministic and --allow-tf32 change process-wide switches; the tests that set them put them back."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
              [getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in ("flash", "mem_efficient", "cudnn")],
@@ -2191,9 +2191,8 @@ def test_fid_bad_paths_and_statistics_files(tmp_path):
     assert fid.choose_metrics(None, [side, side])[0] == ["fid"]
 
 
-def test_fid_main_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+def test_fid_main_reports_bad_input_in_one_line(tmp_path, capsys, restore_determinism):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     with pytest.raises(SystemExit) as e:
         fid.main(fid.parse_args([str(tmp_path / "nope"), str(tmp_path / "nope2"), "--device", "cpu"]))
     assert e.value.code == 2
