@@ -273,8 +273,8 @@ def load_latent_stats(path, channels):
         fail(f"'{path}' has no latents_scale/latents_bias; pass the VAE's -latents-stats.pt with --latents-stats")
     scale, bias = stats["latents_scale"].flatten().float(), stats["latents_bias"].flatten().float()
     if len(scale) != channels or len(bias) != channels:
-        fail(f"'{path}' holds the statistics of {len(scale)} latent channels, but the VAE has {channels}; pass this "
-             f"VAE's -latents-stats.pt with --latents-stats")
+        fail(f"'{path}' holds the scale and bias of {len(scale)} and {len(bias)} latent channels, but the VAE has "
+             f"{channels}; pass this VAE's -latents-stats.pt with --latents-stats")
     return scale, bias
 
 

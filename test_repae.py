@@ -457,6 +457,17 @@ def test_missing_and_mismatched_weights(tmp_path, capsys, monkeypatch):
     msg = error(capsys, repae.load_state, repae.vae_models["f8d4"](), torch.load(tmp_path / "v.pt"), "--vae-ckpt",
                 "--vae-ckpt/--vae")
     assert re.search(r"does not match the model .*missing keys.*shape mismatches.*--vae", msg)
+    vae = repae.build_vae(smoke_args())
+    for edit, what in ((lambda s: s.pop("quant_conv.bias"), "1 missing keys ['quant_conv.bias'], 0 unexpected keys [], "
+                                                             "shape mismatches []"),
+                       (lambda s: s.update({"quant_conv.bias": torch.zeros(9)}), "0 missing keys [], 0 unexpected keys "
+                        "[], shape mismatches ['quant_conv.bias: file (9,) vs model (8,)']")):
+        state = vae.state_dict()
+        edit(state)
+        assert f"does not match the model ({what}); check --vae-ckpt" in \
+            error(capsys, repae.load_state, vae, state, "--vae-ckpt", "--vae-ckpt")
+    torch.save(dict(vae=SimpleNamespace(a=1)), tmp_path / "pickled.pt")       # pickled code is never run
+    assert "could not read" in error(capsys, repae.load_file, str(tmp_path / "pickled.pt"), "--vae-ckpt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert "corrupt" in error(capsys, repae.load_file, str(tmp_path / "bad.pt"), "--resume")
     assert f"'{tmp_path}' is a folder, not a file; pass" in error(capsys, repae.need_file, str(tmp_path), "--vae-ckpt")
@@ -464,7 +475,13 @@ def test_missing_and_mismatched_weights(tmp_path, capsys, monkeypatch):
     assert "is a REPA-E training checkpoint; write its VAE with --export-vae" in \
         error(capsys, repae.load_vae, smoke_args("--vae-ckpt", str(tmp_path / "run.pt")))
     torch.save(dict(latents_scale=torch.ones(1, 32, 1, 1), latents_bias=torch.zeros(1, 32, 1, 1)), tmp_path / "s.pt")
-    assert "statistics of 32 latent channels, but the VAE has 4" in \
+    assert "scale and bias of 32 and 32 latent channels, but the VAE has 4" in \
+        error(capsys, repae.load_latent_stats, str(tmp_path / "s.pt"), 4)
+    torch.save(dict(latents_scale=torch.ones(4), latents_bias=torch.zeros(32)), tmp_path / "s.pt")
+    assert "scale and bias of 4 and 32 latent channels" in \
+        error(capsys, repae.load_latent_stats, str(tmp_path / "s.pt"), 4)
+    torch.save(dict(latents_scale=torch.ones(4)), tmp_path / "s.pt")
+    assert "s.pt' has no latents_scale/latents_bias; pass the VAE's -latents-stats.pt with --latents-stats" in \
         error(capsys, repae.load_latent_stats, str(tmp_path / "s.pt"), 4)
 
 
@@ -531,8 +548,23 @@ def published(tmp_path_factory):
     return d
 
 
-def test_lpips_from_torchvision_vgg16_and_taming_heads_equals_a_direct_computation(published):
+def test_lpips_from_torchvision_vgg16_and_taming_heads_equals_a_direct_computation(published, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Named by flag or, without flags, from the torch hub cache, where a missing file is downloaded once."""
     lpips = repae.load_lpips(str(published / "vgg16-397923af.pth"), str(published / "vgg.pth"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    os.symlink(published / "vgg16-397923af.pth", tmp_path / "checkpoints/vgg16-397923af.pth")
+    os.symlink(published / "vgg.pth", tmp_path / "checkpoints/vgg_lpips.pth")
+    urls = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, path: urls.append(url) or
+                        (_ for _ in ()).throw(OSError("network is unreachable")))
+    cached = repae.load_lpips()
+    assert urls == [] and all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(),
+                                                                lpips.state_dict().values()))
+    os.remove(tmp_path / "checkpoints/vgg_lpips.pth")
+    assert f"could not download {repae.LPIPS_HEADS_URL} (network is unreachable); download it by hand and pass its " \
+           f"path with --lpips-ckpt" in error(capsys, repae.load_lpips) and urls == [repae.LPIPS_HEADS_URL]
     vgg = torchvision.models.vgg16()
     vgg.load_state_dict(torch.load(published / "vgg16-397923af.pth", weights_only=True))
     heads = torch.load(published / "vgg.pth", weights_only=True)
@@ -646,6 +678,9 @@ def test_contradictory_flags_are_refused(monkeypatch, capsys):
     # --batch-size is split over the processes of training and --benchmark only: a 3-GPU latent cache is fine
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert repae.parse_args(["--cache-latents", "--vae-latents-name", "c", "--vae-ckpt", "v.pt"]).batch_size == 256
+    monkeypatch.delenv("WORLD_SIZE")                        # a patch size whose token grid is not DINOv2's
+    assert "dinov2-vit-b gives 16 tokens but the SiT has 4; pick a --model patch size that matches the VAE (f8d4: " \
+           "SiT-*/2" in error(capsys, repae.build, smoke_args("--model", "SiT-XL/4"), CPU.device)
 
 
 #################################################################################
@@ -781,7 +816,7 @@ def torchrun_smoke(tmp_path, patch, *flags):
                    str(tmp_path), "--sample-every", "0", *flags, env={"PYTHONPATH": HERE})
 
 
-def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+def test_a_non_finite_loss_or_a_write_error_on_one_rank_stops_every_rank(tmp_path):
     r = torchrun_smoke(tmp_path, "step, calls = repae.train_step, []\n"
                                  "def nan_on_rank_1(*a):\n"
                                  "    logs = step(*a)\n"
@@ -792,6 +827,25 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
                        "--max-train-steps", "4", "--checkpointing-steps", "4", "--log-every", "2")
     assert r.returncode != 0 and "non-finite loss or gradient at step 2: on another rank" in r.stderr
     assert os.listdir(tmp_path / "smoke/checkpoints") == [] and "done:" not in (tmp_path / "smoke/log.txt").read_text()
+    # a checkpoint that rank 0 cannot write (a full disk) stops rank 1 too, with the same exit status
+    (tmp_path / "disk").mkdir()
+    r = torchrun_smoke(tmp_path / "disk", "save, main = torch.save, repae.main\n"
+                                          "def full_disk(obj, f, **kw):\n"
+                                          "    if getattr(f, 'name', '').endswith('.pt.tmp'):\n"
+                                          "        raise OSError(28, 'No space left on device')\n"
+                                          "    save(obj, f, **kw)\n"
+                                          "torch.save = full_disk\n"
+                                          "def main_exit(args):\n"
+                                          "    try:\n"
+                                          "        main(args)\n"
+                                          "    except SystemExit as e:\n"
+                                          "        rank = os.environ['RANK']\n"
+                                          "        open(f'{args.output_dir}/exit.rank{rank}', 'w').write(str(e.code))\n"
+                                          "        raise\n"
+                                          "repae.main = main_exit\n",
+                       "--max-train-steps", "2", "--checkpointing-steps", "2")
+    assert r.returncode != 0 and "could not write checkpoint" in r.stderr and "No space left on device" in r.stderr
+    assert [(tmp_path / f"disk/exit.rank{i}").read_text() for i in (0, 1)] == ["1", "1"]
 
 
 def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler_not_a_stop(tmp_path, monkeypatch, capsys):
@@ -886,7 +940,7 @@ def test_two_process_gloo_run_keeps_replicas_identical_and_counts_every_skipped_
         "save = repae.save_checkpoint\n"
         "def per_rank(path, m, args, step, d):\n"
         "    torch.save(dict(sit=m.sit.state_dict(), vae=list(m.vae.parameters()), disc=list(m.disc.parameters()),\n"
-        "                    ema=m.ema.state_dict()), f'{path}.rank{d.rank}')\n"
+        "                    ema=m.ema.state_dict(), rng=torch.get_rng_state()), f'{path}.rank{d.rank}')\n"
         "    save(path, m, args, step, d)\n"
         "repae.save_checkpoint = per_rank\n"
         "step = repae.train_step\n"
@@ -900,6 +954,8 @@ def test_two_process_gloo_run_keeps_replicas_identical_and_counts_every_skipped_
         "--gradient-accumulation-steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"smoke/checkpoints/0000003.pt.rank{i}", weights_only=True) for i in (0, 1))
+    rngs = [r["cpu"] for r in load_ckpt(tmp_path / "smoke/checkpoints/0000003.pt")["rng"]]   # each rank's own stream
+    assert torch.equal(rngs[0], a.pop("rng")) and torch.equal(rngs[1], b.pop("rng")) and not torch.equal(*rngs)
     assert_same(a, b)
     assert "2 processes on cpu" in (tmp_path / "smoke/log.txt").read_text()
     # every skip, on either rank and in either micro-batch of an update, is counted once in the log
@@ -924,6 +980,29 @@ def test_smoke_cli_end_to_end(tmp_path):
     assert Image.open(run / "samples/0000004-samples.png").size == (4 * 66 + 2, 4 * 66 + 2)
     assert json.loads((run / "args.json").read_text())["smoke"] is True
     assert load_ckpt(run / "checkpoints/0000004.pt")["steps"] == 4
+
+
+def test_previews_sample_the_ema_sit_and_reconstruct_through_the_posterior_mode(tmp_path):
+    """The preview grids: 16 EMA samples (Euler ODE, 50 steps, CFG 4.0, decoded with the EMA's BN statistics) and
+    the first 8 images above their reconstructions from the posterior mean, all mapped from [-1, 1] to uint8."""
+    args, m, x, y = tiny_run()
+    with torch.no_grad():                                   # an EMA that differs from the online SiT and moves x_t
+        for p in m.ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        m.ema.bn.running_var.mul_(4)
+    g = torch.Generator().manual_seed(1)
+    noise, labels = torch.randn(16, 4, 8, 8, generator=g), torch.randint(0, args.num_classes, (16,), generator=g)
+    repae.write_previews(m, x, 7, str(tmp_path), noise, labels)
+    uint8 = lambda images: ((images.clamp(-1, 1) + 1) * 255 / 2).round().to(torch.uint8)
+    grid = lambda images, n: torchvision.utils.make_grid(uint8(images), nrow=n, padding=2).permute(1, 2, 0).numpy()
+    with torch.no_grad():
+        z = repae.euler_sampler(m.ema, noise, labels, num_steps=50, cfg_scale=4.0).float()
+        scale, bias = m.ema.bn.running_var.rsqrt().view(1, 4, 1, 1), m.ema.bn.running_mean.view(1, 4, 1, 1)
+        samples = m.vae.decode(z / scale + bias)
+        x_vae = x.float() / 127.5 - 1
+        recon = m.vae.decode(m.vae.encode(x_vae).mean)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "0000007-samples.png")), grid(samples, 4))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "0000007-recon.png")), grid(torch.cat([x_vae, recon]), 4))
 
 
 #################################################################################
@@ -1116,6 +1195,17 @@ def test_smoke_and_random_weights_load_the_files_they_are_given(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(m.vae.state_dict().values(),
                                                     torch.load(tmp_path / "v.pt", weights_only=True).values()))
         assert torch.allclose(m.sit.latent_stats()[0], torch.full((4,), 0.5)) and args.vae_ckpt == str(tmp_path / "v.pt")
+    lpips, disc = repae.LPIPS(narrow=4), repae.NLayerDiscriminator()     # L_REG's files: --smoke's quarter-wide LPIPS
+    for module in (lpips, disc):
+        for p in module.parameters():
+            nn.init.uniform_(p)
+    torch.save({f"features.{k}": v for k, v in lpips.features.state_dict().items()}, tmp_path / "vgg.pth")
+    torch.save(lpips.heads.state_dict(), tmp_path / "heads.pth")
+    torch.save(disc.state_dict(), tmp_path / "d.pt")
+    m = repae.build(smoke_args("--vgg-ckpt", str(tmp_path / "vgg.pth"), "--lpips-ckpt", str(tmp_path / "heads.pth"),
+                               "--disc-pretrained-ckpt", str(tmp_path / "d.pt")), CPU.device)
+    for got, want in ((m.lpips, lpips), (m.disc, disc)):
+        assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
 
 
 def test_smoke_defaults_never_override_given_flags_and_names_must_be_exact(tmp_path):
@@ -1279,6 +1369,36 @@ def test_benchmark_prints_every_figure():
     assert "recompiles): 0" in lines["warmup_s"]
 
 
+def test_benchmark_figures_follow_from_the_phase_times(monkeypatch, capsys, restore_determinism):
+    """On a clock that each phase of the n-th step call advances by n^2 x (1, 2, 3, 4) ms: call 1 counts the FLOPs,
+    calls 2-3 warm up, calls 4-6 are timed (160, 250, 360 ms); one graph compiled during them is a recompile."""
+    clock, calls, real_step = [0.0], [], repae.repae_step
+    monkeypatch.setattr(repae, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
+    monkeypatch.setitem(torch._dynamo.utils.counters["stats"], "unique_graphs", 0)
+
+    def step(x, y, m, args):
+        calls.append(len(x))
+        timer, n = m.mark, len(calls)
+
+        def mark(phase):                                    # this phase took n^2 x (its index + 1) ms
+            clock[0] += n * n * (["dinov2", "vae", "discriminator", "sit"].index(phase) + 1) / 1000
+            timer(phase)
+        m.mark = mark
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] += n == 5
+        logs, m.mark = real_step(x, y, m, args), timer
+        return logs
+    monkeypatch.setattr(repae, "repae_step", step)
+    repae.benchmark(smoke_args("--benchmark", "3", "--batch-size", "4", "--peak-tflops", "0.5"))
+    out = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert calls == [4] * 6 and out["step_time_ms"] == "median 250.0 min 160.0 max 360.0"
+    assert [out[f"time_{p}_ms"] for p in ("dinov2", "vae", "discriminator", "sit")] == \
+        ["median 25.0", "median 50.0", "median 75.0", "median 100.0"]
+    flops = float(out["flops_per_step"].split()[0]) * 1e12
+    assert out["images_per_s"] == "16.00" and out["mfu"].endswith("% of 0.5 TFLOP/s dense bf16")
+    assert float(out["mfu"].split("%")[0]) == pytest.approx(100 * flops / 0.25 / 0.5e12, abs=0.06)
+    assert out["warmup_s"] == "0.1 (2 steps); graphs compiled: 0, of which during the timed steps (recompiles): 1"
+
+
 def test_flop_count_of_a_sit_forward_equals_its_closed_form():
     """The count --benchmark divides by the step time: 2 FLOPs per multiply-add of every linear and convolution,
     and 4 T^2 D per attention layer (counted on the CPU too)."""
@@ -1349,11 +1469,21 @@ def test_export_vae_round_trip(tmp_path, capsys):
     assert r.returncode != 0 and "end-to-end" in r.stderr
 
 
-def test_frozen_training_on_an_exported_vae(tmp_path, monkeypatch):
+def test_frozen_training_on_an_exported_vae(tmp_path, monkeypatch, capsys):
     run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
+    export = smoke_args("--export-vae", str(run / "checkpoints/0000002.pt"), "--output-dir", str(tmp_path / "e2e"))
+    save = torch.save                                       # a disk that fills on the statistics file
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", lambda obj, f: save(obj, f) if "latents-stats" not in f.name else
+                      (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        assert "-latents-stats.pt' ([Errno 28] No space left on device); free some space and export again" in \
+            error(capsys, repae.export_vae, export, code=1)
+    assert not (tmp_path / "e2e/e2e-f8d4-0000002.pt").exists()    # the VAE is written last: no half export
     r = run_cli("repae.py", "--export-vae", str(run / "checkpoints/0000002.pt"), "--output-dir", str(tmp_path / "e2e"))
     assert r.returncode == 0, r.stderr[-3000:]
     vae_path = tmp_path / "e2e/e2e-f8d4-0000002.pt"
+    disc = torch.load(tmp_path / "e2e/e2e-f8d4-0000002-discriminator-ckpt.pt", weights_only=True)   # released name
+    assert all(torch.equal(v, disc[k]) for k, v in load_ckpt(run / "checkpoints/0000002.pt")["discriminator"].items())
     scale, bias = repae.load_latent_stats(str(vae_path).replace(".pt", "-latents-stats.pt"), 4)
     args = smoke_args("--freeze-vae", "--vae-ckpt", str(vae_path))  # --smoke loads the VAE it is given
     m = repae.wrap_distributed(repae.build(args, CPU.device), CPU)
@@ -1782,6 +1912,9 @@ def test_sample_folder_npz_and_resume_regenerates_exactly_the_missing_pngs(tmp_p
     assert folder.name == "e2e-sde4-cfg2.0-0.0-0.7-seed0-n6"             # generate.py's: settings in the name
     assert sample.sample_folder(sample.parse_args(["--ckpt", "exps/run/checkpoints/0000020.pt", "--balanced"])) == \
         "samples/run-0000020-sde250-cfg1.0-0.0-1.0-seed0-n50000-balanced"   # a run's checkpoint: the run named
+    assert sample.sample_folder(sample.parse_args(["--ckpt", "e2e.pt", "--mode", "ode", "--heun", "--num-steps", "5",
+                                                   "--global-seed", "3", "--grid", "--class-labels", "1"])) == \
+        "samples/e2e-ode5-heun-cfg1.0-0.0-1.0-seed3-grid"
     names = [f"{i:06d}.png" for i in range(6)]
     data = {n: (folder / n).read_bytes() for n in names}
     mtimes = {n: (folder / n).stat().st_mtime_ns for n in names}
@@ -1863,6 +1996,11 @@ def test_sample_frozen_vae_checkpoint_equals_the_end_to_end_layout(tmp_path, cap
     os.rename(tmp_path / "vae.pt", tmp_path / "moved.pt")
     assert np.array_equal(_sample_run(frozen, tmp_path / "from_flag", "--vae-ckpt", str(tmp_path / "moved.pt")), ref)
     assert re.search("holds no VAE.*--vae-ckpt", error(capsys, _sample_run, frozen, tmp_path / "none"))
+    torch.manual_seed(1)                                    # --vae-ckpt wins over the checkpoint's own `vae` too
+    torch.save(repae.build_vae(smoke_args()).state_dict(), tmp_path / "other.pt")
+    other = [_sample_run(c, tmp_path / f"other{i}", "--vae-ckpt", str(tmp_path / "other.pt"))
+             for i, c in enumerate((e2e, frozen))]
+    assert np.array_equal(*other) and not np.array_equal(other[0], ref)
     # a fixed statistics file replaces the EMA BatchNorm buffers (checkpoints that normalised with one)
     stats = dict(latents_scale=torch.full((1, 4, 1, 1), 3.0), latents_bias=torch.zeros(1, 4, 1, 1))
     torch.save(stats, tmp_path / "st.pt")
@@ -2106,6 +2244,23 @@ def test_fid_build_inception_loads_checkpoint_strictly(tmp_path, _fid_ckpt):
         fid.build_inception(str(tmp_path / "bad.pth"))
     with pytest.raises(ValueError, match="does not exist"):
         fid.build_inception(str(tmp_path / "missing.pth"))
+    torch.save({**expected, "fc.extra": torch.zeros(1)}, tmp_path / "more.pth")    # every key right, one more
+    with pytest.raises(fid.InputError, match=r"\(1 keys missing, unexpected or of another shape, e.g. fc.extra\)"):
+        fid.build_inception(str(tmp_path / "more.pth"))
+
+
+def test_fid_precomputed_statistics_win_over_the_images():
+    """ADM's reference batches hold images and mu, sigma, mu_s, sigma_s: those are used as stored, and only what
+    is missing (pool for precision/recall, probs for IS) is derived from one Inception pass over the images."""
+    rng, calls = np.random.default_rng(0), []
+    pool, spatial, logits = rng.random((5, 3)), rng.random((5, 2)), rng.random((5, 4))
+    features = lambda images, path: calls.append((images, path)) or (pool, spatial, logits)
+    stats = dict(mu=np.zeros(3), sigma=np.eye(3))
+    side = fid.resolve_side("ref.npz", stats, "images", ["mu", "sigma", "pool", "probs"], features)
+    assert side["mu"] is stats["mu"] and side["sigma"] is stats["sigma"] and side["pool"] is pool
+    assert np.allclose(side["probs"], np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
+    assert calls == [("images", "ref.npz")]
+    assert fid.resolve_side("ref.npz", stats, "images", ["mu", "sigma"], features) is stats and len(calls) == 1
 
 
 # ---------------------------------------------------------------- inputs
@@ -2252,7 +2407,7 @@ def test_fid_cli_end_to_end(tmp_path, capsys, monkeypatch, _fid_ckpt):
     assert float(lines["FID"]) == pytest.approx(result["FID"], abs=1e-4)
 
 
-def test_fid_cli_missing_weights_fails_fast_naming_the_flag(tmp_path, monkeypatch, capsys):
+def test_fid_cli_missing_weights_fails_fast_naming_the_flag(tmp_path, monkeypatch, capsys, _fid_ckpt):
     np.savez(tmp_path / "s.npz", arr_0=_fid_images(4))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty hub cache
     # Port 9 on localhost refuses at once, so the test is offline and fast whatever the network.
@@ -2263,6 +2418,9 @@ def test_fid_cli_missing_weights_fails_fast_naming_the_flag(tmp_path, monkeypatc
     assert time.perf_counter() - t0 < 10
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--inception-ckpt" in err and "Traceback" not in err
+    os.symlink(_fid_ckpt, tmp_path / "torch_home/hub/checkpoints/pt_inception.pth")   # once in the cache: no download
+    expected = torch.load(_fid_ckpt, weights_only=True)
+    assert all(torch.equal(v, expected[k]) for k, v in fid.build_inception().state_dict().items())
 
 # ---------------------------------------------------------------- the ADM evaluator's behaviour
 
