@@ -16,6 +16,7 @@ import pickle
 import struct
 import sys
 import time
+import tokenize
 import zipfile
 import zlib
 
@@ -193,7 +194,7 @@ def _npz_headers(path):
                     read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                                    (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
                     shape, fortran, dtype = read_header(f)
-                except (ValueError, KeyError, *ZIP_DAMAGE) as e:  # bad magic, unknown version, garbled header
+                except (ValueError, KeyError, tokenize.TokenError, *ZIP_DAMAGE) as e:  # bad magic or version, garbled
                     raise InputError(f"{path} is not a valid .npz file: {info.filename} is not a .npy array ({e}).") \
                         from e
                 name, offset = info.filename.removesuffix(".npy"), f.tell()
@@ -340,14 +341,16 @@ def load_side(path):
         return {}, _folder_images(path)
     if not path.endswith(".npz"):
         raise InputError(f"{path} is neither a .npz file nor a folder of images.")
-    headers = _npz_headers(path)
-    if "arr_0" not in headers and not any(k in headers for k in STAT_KEYS):
-        raise InputError(f"{path} has neither images (arr_0) nor statistics ({', '.join(STAT_KEYS)}).")
-    _check_stats(path, headers)
-    images = _npz_images(path, headers) if "arr_0" in headers else None
-    with np.load(path, allow_pickle=False) as f:
-        stats = {k: f[k] for k in STAT_KEYS if k in headers}
-    return stats, images
+    try:  # zipfile's own errors on a damaged directory, member header or member data
+        headers = _npz_headers(path)
+        if "arr_0" not in headers and not any(k in headers for k in STAT_KEYS):
+            raise InputError(f"{path} has neither images (arr_0) nor statistics ({', '.join(STAT_KEYS)}).")
+        _check_stats(path, headers)
+        with np.load(path, allow_pickle=False) as f:
+            stats = {k: f[k] for k in STAT_KEYS if k in headers}
+    except (*ZIP_DAMAGE, NotImplementedError) as e:
+        raise InputError(f"{path} is a damaged .npz file ({type(e).__name__}: {e}); regenerate it.") from e
+    return stats, _npz_images(path, headers) if "arr_0" in headers else None
 
 #################################################################################
 #                           Feature extraction                                  #

@@ -1,5 +1,6 @@
 """Tests of the REPA-E reference implementation: CPU only, tiny shapes, random weights, no network."""
 import argparse
+import collections
 import contextlib
 import copy
 import functools
@@ -1849,6 +1850,9 @@ def test_sample_inputs_and_sde_noise_do_not_depend_on_the_batch():
     noise, y, gens = sample.draw_inputs(range(6), 7, shape, 5)
     parts = [sample.draw_inputs(range(a, b), 7, shape, 5) for a, b in ((0, 2), (2, 6))]
     assert torch.equal(noise, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+    schedule = torch.tensor([4, 3, 2, 1, 0, 4])             # --balanced/--class-labels: same noise, given labels
+    assert torch.equal(sample.draw_inputs(range(6), 7, shape, 5, schedule)[0], noise)
+    assert torch.equal(sample.draw_inputs(range(2, 4), 7, shape, 5, schedule)[1], schedule[2:4])
     seed8 = sample.draw_inputs(range(6), 8, shape, 5)[0]     # another seed is another set, not this one shifted
     assert not any(torch.equal(a, b) for a in noise for b in seed8)
     model = _SampleGaussianModel([0.0, 1.0, 2.0, 3.0, 4.0], 0.5)
@@ -2290,6 +2294,40 @@ def test_fid_bad_npz_images(tmp_path, array, message):
     np.savez(tmp_path / "x.npz", arr_0=array)
     with pytest.raises(ValueError, match=message):
         fid.load_side(str(tmp_path / "x.npz"))
+
+
+def test_fid_npz_damaged_anywhere_is_one_sentence(tmp_path):
+    """6 bytes overwritten at every place of a np.savez_compressed file: damage to the zip directory or a member's
+    header, to the .npy header, to the deflate code of the images (zlib's "invalid distance", found only while
+    reading them) or to their bytes (a CRC mismatch) is an InputError, never another exception; some is harmless.
+    np.savez stores images raw, where damage cannot be seen (as in ADM's evaluator), but not its headers."""
+    images = np.broadcast_to(np.arange(64, dtype=np.uint8)[:, None], (40, 64, 64, 3)).copy()
+    images[::3] //= 2                                       # smooth images: a long deflate code, few raw bytes
+    path = str(tmp_path / "bad.npz")
+
+    def damaged(raw, places):
+        seen = collections.Counter()
+        for at in places:
+            (tmp_path / "bad.npz").write_bytes(raw[:at] + b"\xff" * 6 + raw[at + 6:])
+            try:
+                list(fid.load_side(path)[1][1](8))
+                seen["harmless"] += 1                       # e.g. the member's time stamp
+            except fid.InputError as e:
+                seen[str(e).replace(path, "bad.npz")] += 1
+        return seen
+    np.savez_compressed(tmp_path / "ok.npz", arr_0=images)
+    raw = (tmp_path / "ok.npz").read_bytes()
+    seen = damaged(raw, range(len(raw) - 6))
+    for message in ("bad.npz is damaged past its header (Error -3 while decompressing data",
+                    "bad.npz is damaged past its header (Bad CRC-32", "bad.npz is a damaged .npz file (BadZipFile",
+                    "bad.npz is not a valid .npz file: arr_0.npy is not a .npy array"):
+        assert any(m.startswith(message) for m in seen), (message, seen)
+    assert seen["harmless"] < len(raw) / 50
+    np.savez(tmp_path / "ok.npz", arr_0=images[:1])
+    raw = (tmp_path / "ok.npz").read_bytes()
+    seen = damaged(raw, [*range(200), *range(len(raw) - 130, len(raw) - 6)])   # headers, then the zip directory
+    assert any(m.startswith("bad.npz is not a valid .npz file: arr_0.npy is not a .npy array") for m in seen), seen
+    assert any(m.startswith("bad.npz is a damaged .npz file (BadZipFile") for m in seen), seen
 
 
 def test_fid_bad_folders(tmp_path):
