@@ -1272,7 +1272,8 @@ class Monitor:
                 with open(os.path.join(run_dir, "args.json"), "w") as f:
                     json.dump(vars(args), f, indent=2)
             if os.path.exists(self.metrics):                # a resumed run keeps one row per step
-                rows = [r for r in open(self.metrics) if json.loads(r)["step"] <= step]
+                # a row without its newline was cut short (a full disk) after the last checkpoint: dropped
+                rows = [r for r in open(self.metrics) if r.endswith("\n") and json.loads(r)["step"] <= step]
                 e = write_atomic(self.metrics, lambda f: f.writelines(r.encode() for r in rows))
                 if e:
                     fail(f"could not rewrite '{self.metrics}' ({e}); free some space, then continue with --resume auto",
