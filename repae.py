@@ -11,9 +11,11 @@ The rule that makes end-to-end tuning work: L_REPA updates the VAE and the SiT, 
   python repae.py --smoke            # tiny random-weight run of the whole pipeline on a CPU
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -1112,9 +1114,17 @@ def init_distributed(deterministic=False, allow_tf32=True):
     ctrl = None
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        atexit.register(leave_process_group)
         ctrl = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
     return SimpleNamespace(rank=rank, world=world, device=device, ctrl=ctrl, is_main=rank == 0,
                            device_ids=[local_rank] if cuda else None)
+
+
+def leave_process_group():
+    """At every exit, errors included: gloo's threads must be joined before interpreter teardown (one freeing a tensor
+    there aborts with SIGABRT); an error's frames, in a cycle through its exception, still hold the process group."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def checkpoint_gb(args):
@@ -1279,9 +1289,11 @@ class Monitor:
                     fail(f"could not rewrite '{self.metrics}' ({e}); free some space, then continue with --resume auto",
                          code=1)
             self.file = open(os.path.join(run_dir, "log.txt"), "a")
-        self.stop = []                                      # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+        # SIGTERM/SIGINT: finish the step, checkpoint, exit 0. The handler holds the list, not self: outliving the
+        # run, a handler holding the models would keep the process group alive past leave_process_group
+        self.stop = stop = []
         for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, lambda *_: self.stop.append(True))
+            signal.signal(s, lambda *_: stop.append(True))
         g, latent = torch.Generator().manual_seed(args.seed), args.resolution // m.vae.factor   # fixed previews
         self.noise = torch.randn(16, m.sit.in_channels, latent, latent, generator=g).to(dist_env.device)
         self.labels = torch.randint(0, args.num_classes, (16,), generator=g).to(dist_env.device)
@@ -1739,5 +1751,3 @@ if __name__ == "__main__":
     args = parse_args()
     export_vae(args) if args.export_vae else cache_latents(args) if args.cache_latents else \
         benchmark(args) if args.benchmark else main(args)
-    if dist.is_initialized():                               # under torchrun: every mode ends here
-        dist.destroy_process_group()

@@ -252,7 +252,6 @@ def main(args):
         log(f"saved {write_npz(sample_dir, n)}")
     if world > 1:
         dist.barrier(group=dist_env.ctrl)
-        dist.destroy_process_group()
 
 
 #################################################################################

@@ -810,11 +810,19 @@ def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path, monkeyp
     assert "no checkpoint was written before it" in msg and os.listdir(tmp_path / "b/smoke/checkpoints") == []
 
 
+# A torchrun test's driver counts, last thing at exit, the threads it has beyond those at its start: gloo's must be
+# joined by then (repae's destroy_process_group at exit), or one freeing a tensor during interpreter teardown aborts
+# the process (SIGABRT).
+DRIVER_START = ("import atexit, os, sys, signal, torch, repae\nthreads = len(os.listdir('/proc/self/task'))\n"
+                "atexit.register(lambda: print(f\"threads left: {len(os.listdir('/proc/self/task')) - threads}\"))\n")
+DRIVER_END = "repae.main(repae.parse_args(sys.argv[1:]))\n"
+
+
 def torchrun_smoke(tmp_path, patch, *flags):
     """A smoke training run under `torchrun --nproc_per_node=2`, each process running `patch` (Python source that
     wraps repae's functions) before repae.main."""
     driver = tmp_path / "driver.py"
-    driver.write_text(f"import os, sys, torch, repae\n{patch}repae.main(repae.parse_args(sys.argv[1:]))\n")
+    driver.write_text(DRIVER_START + patch + DRIVER_END)
     return run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", str(driver), "--smoke", "--output-dir",
                    str(tmp_path), "--sample-every", "0", *flags, env={"PYTHONPATH": HERE})
 
@@ -829,6 +837,7 @@ def test_a_non_finite_loss_or_a_write_error_on_one_rank_stops_every_rank(tmp_pat
                                  "repae.train_step = nan_on_rank_1\n",
                        "--max-train-steps", "4", "--checkpointing-steps", "4", "--log-every", "2")
     assert r.returncode != 0 and "non-finite loss or gradient at step 2: on another rank" in r.stderr
+    assert r.stdout.count("threads left: 0") == 2           # an error exit, too, joins gloo's threads
     assert os.listdir(tmp_path / "smoke/checkpoints") == [] and "done:" not in (tmp_path / "smoke/log.txt").read_text()
     # a checkpoint that rank 0 cannot write (a full disk) stops rank 1 too, with the same exit status
     (tmp_path / "disk").mkdir()
@@ -849,6 +858,7 @@ def test_a_non_finite_loss_or_a_write_error_on_one_rank_stops_every_rank(tmp_pat
                        "--max-train-steps", "2", "--checkpointing-steps", "2")
     assert r.returncode != 0 and "could not write checkpoint" in r.stderr and "No space left on device" in r.stderr
     assert [(tmp_path / f"disk/exit.rank{i}").read_text() for i in (0, 1)] == ["1", "1"]
+    assert r.stdout.count("threads left: 0") == 2
 
 
 def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler_not_a_stop(tmp_path, monkeypatch, capsys):
@@ -955,7 +965,7 @@ def test_two_process_gloo_run_keeps_replicas_identical_and_counts_every_skipped_
         "repae.train_step = logged\n",
         "--max-train-steps", "3", "--checkpointing-steps", "3", "--data-dir", str(tmp_path / "data"),
         "--gradient-accumulation-steps", "2")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0 and r.stdout.count("threads left: 0") == 2, r.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"smoke/checkpoints/0000003.pt.rank{i}", weights_only=True) for i in (0, 1))
     rngs = [r["cpu"] for r in load_ckpt(tmp_path / "smoke/checkpoints/0000003.pt")["rng"]]   # each rank's own stream
     assert torch.equal(rngs[0], a.pop("rng")) and torch.equal(rngs[1], b.pop("rng")) and not torch.equal(*rngs)
@@ -1311,7 +1321,7 @@ def test_torchrun_flag_errors_report_once_and_preemption_exits_zero(tmp_path):
     assert "--batch-size 3 is global and not divisible by the 2 processes" in r.stderr
     driver = tmp_path / "driver.py"
     driver.write_text(
-        "import os, signal, repae\n"
+        DRIVER_START +
         "step, calls = repae.repae_step, []\n"
         "def signalled(*a):\n"
         "    calls.append(1)\n"
@@ -1319,8 +1329,7 @@ def test_torchrun_flag_errors_report_once_and_preemption_exits_zero(tmp_path):
         "        os.kill(os.getppid(), signal.SIGTERM)           # the whole job: the launcher,\n"
         "        os.killpg(os.getpgid(0), signal.SIGTERM)        # and the workers (each in its own session)\n"
         "    return step(*a)\n"
-        "repae.repae_step = signalled\n"
-        "repae.main(repae.parse_args())\n")
+        "repae.repae_step = signalled\n" + DRIVER_END)
     torchrun = f"{sys.executable} -m torch.distributed.run --nproc_per_node=2 {driver} --smoke --output-dir {tmp_path} " \
                f"--max-train-steps 50 --sample-every 0"
     r = subprocess.run(["bash", "-c", f"trap '' TERM; exec {torchrun}"], cwd=HERE, capture_output=True, text=True,
@@ -1330,6 +1339,7 @@ def test_torchrun_flag_errors_report_once_and_preemption_exits_zero(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "smoke/checkpoints")) == ["0000002.pt"]
     assert "stopped by signal at step 2" in (tmp_path / "smoke/log.txt").read_text()
+    assert r.stdout.count("threads left: 0") == 2, r.stdout    # the signal handler holds no model or process group
 
 
 def test_export_refuses_a_frozen_vae_run(tmp_path, capsys):
