@@ -1121,8 +1121,10 @@ def init_distributed(deterministic=False, allow_tf32=True):
 
 
 def leave_process_group():
-    """At every exit, errors included: gloo's threads must be joined before interpreter teardown (one freeing a tensor
-    there aborts with SIGABRT); an error's frames, in a cycle through its exception, still hold the process group."""
+    """At every exit, errors and crashes included: gloo's threads must be joined before interpreter teardown (one
+    freeing a tensor there aborts with SIGABRT), but an error's frames still hold the process group: in a cycle
+    through its exception, or a crash's traceback kept in sys.last_* for a debugger."""
+    sys.last_exc = sys.last_type = sys.last_value = sys.last_traceback = None
     gc.collect()
     dist.destroy_process_group()
 

@@ -859,6 +859,11 @@ def test_a_non_finite_loss_or_a_write_error_on_one_rank_stops_every_rank(tmp_pat
     assert r.returncode != 0 and "could not write checkpoint" in r.stderr and "No space left on device" in r.stderr
     assert [(tmp_path / f"disk/exit.rank{i}").read_text() for i in (0, 1)] == ["1", "1"]
     assert r.stdout.count("threads left: 0") == 2
+    (tmp_path / "crash").mkdir()                             # a crash: its traceback, and gloo's threads joined
+    r = torchrun_smoke(tmp_path / "crash", "def crash(*a):\n"
+                                           "    raise RuntimeError('out of memory')\n"
+                                           "repae.train_step = crash\n", "--max-train-steps", "2")
+    assert r.returncode != 0 and "RuntimeError: out of memory" in r.stderr and r.stdout.count("threads left: 0") == 2
 
 
 def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler_not_a_stop(tmp_path, monkeypatch, capsys):
