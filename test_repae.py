@@ -2000,11 +2000,14 @@ def test_sample_one_and_three_processes_give_identical_npz(tmp_path):
         torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    driver = tmp_path / "driver.py"                          # sample.py's main, counting the threads left at exit
+    driver.write_text(DRIVER_START + "import sample\nsample.main(sample.parse_args(sys.argv[1:]))\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                        "sample.py", *flags, "--sample-dir", str(tmp_path / "three")], cwd=HERE,
-                       env=dict(env, OMP_NUM_THREADS="1"),
+                        str(driver), *flags, "--sample-dir", str(tmp_path / "three")], cwd=HERE,
+                       env=dict(env, OMP_NUM_THREADS="1", PYTHONPATH=HERE),
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0 and "with 3 process(es)" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("threads left: 0") == 3, r.stdout[-2000:]
     one, three = _sample_npz(tmp_path / "one"), _sample_npz(tmp_path / "three")
     assert one.shape == (6, 64, 64, 3) and np.array_equal(one, three)
 
