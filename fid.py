@@ -194,7 +194,7 @@ def _npz_headers(path):
                     read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                                    (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
                     shape, fortran, dtype = read_header(f)
-                except (ValueError, KeyError, tokenize.TokenError, *ZIP_DAMAGE) as e:  # bad magic or version, garbled
+                except (ValueError, KeyError, tokenize.TokenError, *ZIP_DAMAGE) as e:  # bad magic, version or dict
                     raise InputError(f"{path} is not a valid .npz file: {info.filename} is not a .npy array ({e}).") \
                         from e
                 name, offset = info.filename.removesuffix(".npy"), f.tell()

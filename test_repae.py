@@ -811,7 +811,7 @@ def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path, monkeyp
 
 
 # A torchrun test's driver counts, last thing at exit, the threads it has beyond those at its start: gloo's must be
-# joined by then (repae's destroy_process_group at exit), or one freeing a tensor during interpreter teardown aborts
+# joined by then (repae.leave_process_group at exit), or one freeing a tensor during interpreter teardown aborts
 # the process (SIGABRT).
 DRIVER_START = ("import atexit, os, sys, signal, torch, repae\nthreads = len(os.listdir('/proc/self/task'))\n"
                 "atexit.register(lambda: print(f\"threads left: {len(os.listdir('/proc/self/task')) - threads}\"))\n")
