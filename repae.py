@@ -1475,12 +1475,19 @@ def cache_latents(args):
     if os.path.exists(base + ".json") and json.load(open(base + ".json")) != meta:
         fail(f"'{base}.npy' holds the latents of another VAE, resolution or image folder; pick another "
              f"--vae-latents-name (or delete {base}.*)")
+    shape, have = (n, 2 * vae.z_channels, args.resolution // vae.factor, args.resolution // vae.factor), 0
+    if os.path.exists(base + ".json"):                      # a sparse file: what a killed pass wrote is on disk
+        have = os.stat(base + ".npy").st_blocks * 512
+    need, free = (4 * math.prod(shape) - have) / 2 ** 30, shutil.disk_usage(args.data_dir).free / 2 ** 30
+    if free < need:                                         # a memmap write to a full disk dies of SIGBUS, unsaid
+        fail(f"the latent cache '{base}.npy' needs {need:.3g} GB more but '{args.data_dir}' has {free:.3g} GB free; "
+             f"free some space there")
     if dist_env.is_main and not os.path.exists(base + ".json"):
-        h = args.resolution // vae.factor
-        np.lib.format.open_memmap(base + ".npy", "w+", np.float32, (n, 2 * vae.z_channels, h, h)).flush()
+        np.lib.format.open_memmap(base + ".npy", "w+", np.float32, shape).flush()
         np.lib.format.open_memmap(base + ".done.npy", "w+", np.uint8, (n,)).flush()
-        with open(base + ".json", "w") as f:
-            json.dump(meta, f)
+        e = write_atomic(base + ".json", lambda f: f.write(json.dumps(meta).encode()))    # it marks the pass begun
+        if e:
+            fail(f"could not write '{base}.json' ({e}); free some space and run --cache-latents again", code=1)
     if dist_env.world > 1:
         dist.barrier(group=dist_env.ctrl)
     moments, done = np.load(base + ".npy", mmap_mode="r+"), np.load(base + ".done.npy", mmap_mode="r+")

@@ -1522,7 +1522,7 @@ def test_frozen_training_on_an_exported_vae(tmp_path, monkeypatch, capsys):
 #       The released workflow: cache latents, train on them, same commands       #
 #################################################################################
 
-def test_latent_cache_holds_the_posterior_resumes_and_trains_like_the_encoder(tmp_path, capsys):
+def test_latent_cache_holds_the_posterior_resumes_and_trains_like_the_encoder(tmp_path, capsys, monkeypatch):
     d = tmp_path / "data"
     make_images(d, 2, 4)
     torch.manual_seed(2)
@@ -1533,7 +1533,20 @@ def test_latent_cache_holds_the_posterior_resumes_and_trains_like_the_encoder(tm
     torch.save(repae.build_vae(smoke_args()).state_dict(), tmp_path / "other.pt")   # another VAE
     shutil.copy(tmp_path / "v-latents-stats.pt", tmp_path / "other-latents-stats.pt")
     flags = ["--data-dir", str(d), "--vae-ckpt", str(tmp_path / "v.pt"), "--vae-latents-name", "lat"]
+    usage, size = shutil.disk_usage(d), 8 * 8 * 8 * 8 * 4   # 8 images' (2C, h, w) float32 moments
+    with monkeypatch.context() as patch:                    # a disk without room for them: nothing is written
+        patch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=size - 1))
+        msg = error(capsys, repae.cache_latents, smoke_args("--cache-latents", *flags))
+    assert f"the latent cache '{d / 'lat'}.npy' needs 1.53e-05 GB more but '{d}' has 1.53e-05 GB free" in msg
+    assert not list(d.glob("lat*"))
+    os.symlink("/dev/full", d / "lat.json.tmp")              # a disk that fills on the marker: no half-written one
+    msg = error(capsys, repae.cache_latents, smoke_args("--cache-latents", *flags), code=1)
+    assert "could not write" in msg and "No space left on device" in msg and not os.path.lexists(d / "lat.json.tmp")
+    assert not (d / "lat.json").exists()
     repae.cache_latents(smoke_args("--cache-latents", "--pproc-batch-size", "3", *flags))
+    with monkeypatch.context() as patch:                    # a finished cache needs no more room: the pass ends at once
+        patch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=0))
+        repae.cache_latents(smoke_args("--cache-latents", *flags))
     moments, done = np.load(d / "lat.npy"), np.load(d / "lat.done.npy")
     nope = ["--vae-ckpt", str(tmp_path / "nope.pt")]          # a missing VAE: one sentence, for the pass and training
     for run, argv in ((repae.cache_latents, ["--cache-latents", *flags, *nope]), (repae.main, [*flags, *nope])):
