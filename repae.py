@@ -524,7 +524,7 @@ class SiT(nn.Module):
     def init_bn(self, latents_scale, latents_bias):
         """running_mean = bias, running_var = (1 / scale)^2: z_n = (z - bias) * scale before training."""
         self.bn.running_mean.copy_(latents_bias)
-        self.bn.running_var.copy_(latents_scale.pow(-2))
+        self.bn.running_var.copy_((1 / latents_scale).pow(2))   # as released: scale.pow(-2) can differ by 1 ulp
 
     def latent_stats(self):
         """(scale, bias) to decode: z = z_n / scale + bias; read them from the EMA model."""

@@ -266,12 +266,13 @@ def test_repa_loss_and_hinge_values():
 
 def test_latent_stats_round_trip_and_bn_normalises():
     sit = repae.SiT(input_size=8, hidden_size=64, depth=2, num_heads=2, z_dims=(16,), encoder_depth=1, num_classes=10)
-    scale, bias = torch.tensor([0.18215, 0.5, 2.0, 1.0]), torch.tensor([0.1, -0.2, 0.3, 0.0])
+    scale, bias = torch.tensor([0.18215, 0.2, 1.3, 1.0]), torch.tensor([0.1, -0.2, 0.3, 0.0])   # 0.2, 1.3: 1 ulp apart
     sit.init_bn(scale, bias)
     s, b = sit.latent_stats()
     assert torch.allclose(s, scale) and torch.equal(b, bias)
+    assert torch.equal(sit.bn.running_var, (1 / scale).pow(2))   # the released models/sit.py, bit for bit
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 4
-    var = scale.pow(-2).view(1, -1, 1, 1)
+    var = (1 / scale).pow(2).view(1, -1, 1, 1)
     assert torch.allclose(sit.eval().bn(z), (z - bias.view(1, -1, 1, 1)) / torch.sqrt(var + 1e-4), atol=1e-5)
     identity = SimpleNamespace(decode=lambda latent: latent)   # decode_latent's z = z_n / scale + bias, before the VAE
     want = (z - bias.view(1, -1, 1, 1)) * torch.sqrt(var / (var + 1e-4)) + bias.view(1, -1, 1, 1)   # z, up to BN's eps
