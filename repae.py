@@ -1187,6 +1187,16 @@ def write_atomic(path, write):
         return e
 
 
+def fail_together(error, dist_env):
+    """Rank 0's write error (or None) stops every rank with its one sentence, exit status 1: a rank stopping alone
+    leaves the others in a collective that ends in a traceback. The other ranks wait here for rank 0."""
+    error = [error]
+    if dist_env.world > 1:
+        dist.broadcast_object_list(error, src=0, group=dist_env.ctrl)
+    if error[0]:
+        fail(error[0], code=1)
+
+
 def save_checkpoint(path, m, args, step, dist_env):
     """Official REPA-E keys plus what an exact resume needs (every rank's RNG, the grad scaler), written atomically
     (write_atomic); a write error stops every rank with one sentence."""
@@ -1195,7 +1205,7 @@ def save_checkpoint(path, m, args, step, dist_env):
     rngs = [rng] + [None] * (dist_env.world - 1)
     if dist_env.world > 1:
         dist.all_gather_object(rngs, rng, group=dist_env.ctrl)
-    error = [None]
+    error = None
     if dist_env.is_main:
         ckpt = dict(model=m.sit.state_dict(), ema=m.ema.state_dict(), vae=m.vae.state_dict(), opt=m.opt.state_dict(),
                     args=args, steps=step, rng=rngs, scaler=m.scaler.state_dict())
@@ -1204,12 +1214,9 @@ def save_checkpoint(path, m, args, step, dist_env):
                         opt_disc=m.opt_disc.state_dict())
         e = write_atomic(path, lambda f: torch.save(ckpt, f))
         if e:
-            error = [f"could not write checkpoint '{path}' ({e}); the earlier checkpoints are intact: free some "
-                     f"space, then continue with --resume auto"]
-    if dist_env.world > 1:
-        dist.broadcast_object_list(error, src=0, group=dist_env.ctrl)
-    if error[0]:
-        fail(error[0], code=1)
+            error = f"could not write checkpoint '{path}' ({e}); the earlier checkpoints are intact: free some " \
+                    f"space, then continue with --resume auto"
+    fail_together(error, dist_env)
 
 
 def load_checkpoint(path, m, args, dist_env):
@@ -1482,14 +1489,14 @@ def cache_latents(args):
     if free < need:                                         # a memmap write to a full disk dies of SIGBUS, unsaid
         fail(f"the latent cache '{base}.npy' needs {need:.3g} GB more but '{args.data_dir}' has {free:.3g} GB free; "
              f"free some space there")
+    error = None
     if dist_env.is_main and not os.path.exists(base + ".json"):
         np.lib.format.open_memmap(base + ".npy", "w+", np.float32, shape).flush()
         np.lib.format.open_memmap(base + ".done.npy", "w+", np.uint8, (n,)).flush()
         e = write_atomic(base + ".json", lambda f: f.write(json.dumps(meta).encode()))    # it marks the pass begun
         if e:
-            fail(f"could not write '{base}.json' ({e}); free some space and run --cache-latents again", code=1)
-    if dist_env.world > 1:
-        dist.barrier(group=dist_env.ctrl)
+            error = f"could not write '{base}.json' ({e}); free some space and run --cache-latents again"
+    fail_together(error, dist_env)                          # the other ranks open the files only once they exist
     moments, done = np.load(base + ".npy", mmap_mode="r+"), np.load(base + ".done.npy", mmap_mode="r+")
     todo = [b for b in range(dist_env.rank, math.ceil(n / B), dist_env.world) if not done[b * B:b * B + B].all()]
     loader = torch.utils.data.DataLoader(ds, B, sampler=[i for b in todo for i in range(b * B, min(n, b * B + B))],

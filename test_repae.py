@@ -1576,6 +1576,11 @@ def test_latent_cache_holds_the_posterior_resumes_and_trains_like_the_encoder(tm
     assert r.returncode == 0, r.stderr[-3000:]
     assert "cached 2/2 batches" in r.stdout                 # other thread counts: equal up to float32 round-off
     np.testing.assert_allclose(np.load(d / "lat2.npy"), moments, rtol=1e-5, atol=1e-6)
+    os.symlink("/dev/full", d / "lat3.json.tmp")             # rank 0's write error stops both ranks with its sentence
+    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "repae.py", "--smoke", "--cache-latents",
+                *flags[:-1], "lat3", env={"PYTHONPATH": HERE})
+    assert r.returncode != 0 and r.stderr.count("repae.py: error: could not write") == 1
+    assert "[rank1]" not in r.stderr                        # rank 1 left no traceback from a barrier
     assert "holds the latents of another VAE" in error(capsys, repae.cache_latents, smoke_args(
         "--cache-latents", *flags[:2], "--vae-ckpt", str(tmp_path / "other.pt"), "--vae-latents-name", "lat"))
     # training from the cache never runs the encoder and gives the encoder path's losses for the same draws
