@@ -1283,7 +1283,7 @@ class Monitor:
         self.args, self.d, self.m, self.step0, self.last, self.saved, self.logged, self.skipped = \
             args, dist_env, m, step, last, step, step, 0
         self.ckpt_dir, self.sample_dir = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "samples")
-        self.metrics = os.path.join(run_dir, "metrics.jsonl")
+        self.metrics, error = os.path.join(run_dir, "metrics.jsonl"), None
         if dist_env.is_main:
             os.makedirs(self.ckpt_dir, exist_ok=True)
             os.makedirs(self.sample_dir, exist_ok=True)
@@ -1295,9 +1295,10 @@ class Monitor:
                 rows = [r for r in open(self.metrics) if r.endswith("\n") and json.loads(r)["step"] <= step]
                 e = write_atomic(self.metrics, lambda f: f.writelines(r.encode() for r in rows))
                 if e:
-                    fail(f"could not rewrite '{self.metrics}' ({e}); free some space, then continue with --resume auto",
-                         code=1)
+                    error = f"could not rewrite '{self.metrics}' ({e}); free some space, then continue with " \
+                            f"--resume auto"
             self.file = open(os.path.join(run_dir, "log.txt"), "a")
+        fail_together(error, dist_env)
         # SIGTERM/SIGINT: finish the step, checkpoint, exit 0. The handler holds the list, not self: outliving the
         # run, a handler holding the models would keep the process group alive past leave_process_group
         self.stop = stop = []
@@ -1360,10 +1361,16 @@ class Monitor:
                    img_per_s=rate * args.batch_size * args.gradient_accumulation_steps, steps_per_s=rate,
                    peak_mem_gb=peak_memory_gb(self.d.device), elapsed_s=now - self.t0,
                    eta_s=(self.last - step) / rate)
-        self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        error = None
         if self.d.is_main:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:                                            # a full disk: a resume drops the row it cut short
+                self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+                with open(self.metrics, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                error = f"could not append to the run's log.txt and metrics.jsonl ({e}); free some space, then " \
+                        f"continue with --resume auto"
+        fail_together(error, self.d)
         self.t_log, self.logged = now, step
 
     def checkpoint(self, step):

@@ -842,24 +842,33 @@ def test_a_non_finite_loss_or_a_write_error_on_one_rank_stops_every_rank(tmp_pat
     assert os.listdir(tmp_path / "smoke/checkpoints") == [] and "done:" not in (tmp_path / "smoke/log.txt").read_text()
     # a checkpoint that rank 0 cannot write (a full disk) stops rank 1 too, with the same exit status
     (tmp_path / "disk").mkdir()
-    r = torchrun_smoke(tmp_path / "disk", "save, main = torch.save, repae.main\n"
-                                          "def full_disk(obj, f, **kw):\n"
-                                          "    if getattr(f, 'name', '').endswith('.pt.tmp'):\n"
-                                          "        raise OSError(28, 'No space left on device')\n"
-                                          "    save(obj, f, **kw)\n"
-                                          "torch.save = full_disk\n"
-                                          "def main_exit(args):\n"
-                                          "    try:\n"
-                                          "        main(args)\n"
-                                          "    except SystemExit as e:\n"
-                                          "        rank = os.environ['RANK']\n"
-                                          "        open(f'{args.output_dir}/exit.rank{rank}', 'w').write(str(e.code))\n"
-                                          "        raise\n"
-                                          "repae.main = main_exit\n",
-                       "--max-train-steps", "2", "--checkpointing-steps", "2")
+    patch = ("save, main = torch.save, repae.main\n"
+             "def full_disk(obj, f, **kw):\n"
+             "    if getattr(f, 'name', '').endswith('.pt.tmp'):\n"
+             "        raise OSError(28, 'No space left on device')\n"
+             "    save(obj, f, **kw)\n"
+             "torch.save = full_disk\n"
+             "def main_exit(args):\n"
+             "    try:\n"
+             "        main(args)\n"
+             "    except SystemExit as e:\n"
+             "        rank = os.environ['RANK']\n"
+             "        open(f'{args.output_dir}/exit.rank{rank}', 'w').write(str(e.code))\n"
+             "        raise\n"
+             "repae.main = main_exit\n")
+    r = torchrun_smoke(tmp_path / "disk", patch, "--max-train-steps", "2", "--checkpointing-steps", "2")
     assert r.returncode != 0 and "could not write checkpoint" in r.stderr and "No space left on device" in r.stderr
     assert [(tmp_path / f"disk/exit.rank{i}").read_text() for i in (0, 1)] == ["1", "1"]
     assert r.stdout.count("threads left: 0") == 2
+    full_metrics = ("repae.open = lambda p, mode='r', *a: open('/dev/full' if str(p).endswith('metrics.jsonl') and "
+                    "mode == 'a' else p, mode, *a)\n")     # rank 0's metrics row meets a full disk, at step 1
+    for i in (0, 1):
+        os.remove(tmp_path / f"disk/exit.rank{i}")
+    r = torchrun_smoke(tmp_path / "disk", patch + full_metrics, "--max-train-steps", "2", "--log-every", "1",
+                       "--resume", "auto")
+    assert r.returncode != 0 and r.stderr.count("could not append to the run's log.txt and metrics.jsonl") == 1
+    assert "No space left on device); free some space, then continue with --resume auto" in r.stderr
+    assert [(tmp_path / f"disk/exit.rank{i}").read_text() for i in (0, 1)] == ["1", "1"] and "[rank1]" not in r.stderr
     (tmp_path / "crash").mkdir()                             # a crash: its traceback, and gloo's threads joined
     r = torchrun_smoke(tmp_path / "crash", "def crash(*a):\n"
                                            "    raise RuntimeError('out of memory')\n"
@@ -1316,6 +1325,11 @@ def test_output_folder_disk_space_and_write_errors(tmp_path, capsys, monkeypatch
                 code=1)
     assert "could not write checkpoint" in msg and "No space left on device" in msg and "--resume auto" in msg
     assert snapshot(run / "checkpoints") == before          # the earlier checkpoint intact, no temporary file left
+    rows = (run / "metrics.jsonl").read_bytes()
+    os.symlink("/dev/full", run / "metrics.jsonl.tmp")       # a resume rewrites the metrics up to its checkpoint
+    msg = error(capsys, train, tmp_path, "--max-train-steps", "4", "--resume", "auto", code=1)
+    assert f"could not rewrite '{run / 'metrics.jsonl'}' ([Errno 28] No space left on device); free some space" in msg
+    assert (run / "metrics.jsonl").read_bytes() == rows and not os.path.lexists(run / "metrics.jsonl.tmp")
 
 
 def test_torchrun_flag_errors_report_once_and_preemption_exits_zero(tmp_path):
