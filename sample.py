@@ -171,21 +171,23 @@ def sample_folder(args):
 
 
 def save(path, write):
-    """repae.write_atomic, and a write error (a full disk) stops with one sentence, exit status 1: what was written
-    before it is kept, and the same command continues."""
+    """repae.write_atomic; a write error (a full disk) is returned as the sentence to stop with (exit status 1), else
+    None: what was written before it is kept, and the same command continues."""
     e = repae.write_atomic(path, write)
     if e:
-        fail(f"could not write '{path}' ({e}); the samples written so far are kept: free some space, then run the "
-             f"same command again", code=1)
+        return (f"could not write '{path}' ({e}); the samples written so far are kept: free some space, then run "
+                f"the same command again")
 
 
-def write_npz(sample_dir, n):
-    """<sample_dir>.npz from its n PNGs: arr_0, (N, H, W, 3) uint8, the ADM format."""
+def write_npz(sample_dir, n, log):
+    """<sample_dir>.npz from its n PNGs: arr_0, (N, H, W, 3) uint8, the ADM format. Returns save's error."""
     arr = np.empty((n, *np.asarray(Image.open(f"{sample_dir}/000000.png")).shape), dtype=np.uint8)   # 9.8 GB at 50k
     for i in range(n):
         arr[i] = np.asarray(Image.open(f"{sample_dir}/{i:06d}.png"))
-    save(f"{sample_dir}.npz", lambda f: np.savez(f, arr_0=arr))
-    return f"{sample_dir}.npz {arr.shape}"
+    error = save(f"{sample_dir}.npz", lambda f: np.savez(f, arr_0=arr))
+    if not error:
+        log(f"saved {sample_dir}.npz {arr.shape}")
+    return error
 
 
 @torch.no_grad()
@@ -210,10 +212,11 @@ def main(args):
         images = torch.from_numpy(gen(range(len(schedule)))).permute(0, 3, 1, 2)
         grid = torchvision.utils.make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2)
         os.makedirs(os.path.dirname(os.path.abspath(sample_dir)), exist_ok=True)
-        save(f"{sample_dir}.png", lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
+        write = lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG")
+        repae.fail_together(save(f"{sample_dir}.png", write), dist_env)
         return log(f"saved {sample_dir}.png")
 
-    n, b, work = args.num_fid_samples, args.pproc_batch_size, [None, None]        # (refusal, todo) from rank 0
+    n, b, work, error = args.num_fid_samples, args.pproc_batch_size, [None, None], None   # (refusal, todo) of rank 0
     settings = {k: v for k, v in dict(vars(args), ckpt=os.path.abspath(args.ckpt)).items()
                 if k not in ("sample_dir", "pproc_batch_size", "exp_path", "train_steps")}
     if dist_env.is_main:                                    # rank 0 lists the work, every rank takes its share
@@ -225,13 +228,15 @@ def main(args):
                        f"pass another --sample-dir")
         else:
             os.makedirs(sample_dir, exist_ok=True)
-            save(saved, lambda f: f.write(json.dumps(settings, indent=2).encode()))
+            error = save(saved, lambda f: f.write(json.dumps(settings, indent=2).encode()))
+        if not work[0] and not error:
             # A batch with any PNG missing is redrawn whole: same batch, same floats, same PNGs.
             work[1] = [list(range(s, min(s + b, n))) for s in range(0, n, b)
                        if not all(os.path.exists(png(i)) for i in range(s, min(s + b, n)))]
             log(f"{n} samples in {sample_dir}: {n - sum(map(len, work[1]))} already there; drawing the rest "
                 f"({args.mode}, {args.num_steps} steps, cfg {args.cfg_scale} on [{args.guidance_low}, "
                 f"{args.guidance_high}]) with {world} process(es) on {device.type}")
+    repae.fail_together(error, dist_env)                    # rank 0's write errors stop every rank
     if world > 1:
         dist.broadcast_object_list(work, src=0, group=dist_env.ctrl)
     if work[0]:
@@ -241,7 +246,9 @@ def main(args):
     for indices in todo[rank::world]:
         for i, image in zip(indices, gen(indices)):
             if not os.path.exists(png(i)):                   # kept PNGs are never rewritten
-                save(png(i), lambda f: Image.fromarray(image).save(f, format="PNG"))
+                error = save(png(i), lambda f: Image.fromarray(image).save(f, format="PNG"))
+                if error:                                   # this process's own PNG: it stops alone
+                    fail(error, code=1)
         done += len(indices)
         rate = done * world / (time.time() - t0)            # rank 0's pace times the processes
         log(f"{min(done * world, total)}/{total} drawn, {rate:.2f} images/s, "
@@ -249,9 +256,8 @@ def main(args):
     if world > 1:
         dist.barrier(group=dist_env.ctrl)
     if dist_env.is_main and all(os.path.exists(png(i)) for i in range(n)):
-        log(f"saved {write_npz(sample_dir, n)}")
-    if world > 1:
-        dist.barrier(group=dist_env.ctrl)
+        error = write_npz(sample_dir, n, log)
+    repae.fail_together(error, dist_env)                    # and every rank waits for the .npz
 
 
 #################################################################################

@@ -811,11 +811,20 @@ def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path, monkeyp
     assert "no checkpoint was written before it" in msg and os.listdir(tmp_path / "b/smoke/checkpoints") == []
 
 
-# A torchrun test's driver counts, last thing at exit, the threads it has beyond those at its start: gloo's must be
-# joined by then (repae.leave_process_group at exit), or one freeing a tensor during interpreter teardown aborts
-# the process (SIGABRT).
-DRIVER_START = ("import atexit, os, sys, signal, torch, repae\nthreads = len(os.listdir('/proc/self/task'))\n"
-                "atexit.register(lambda: print(f\"threads left: {len(os.listdir('/proc/self/task')) - threads}\"))\n")
+# A torchrun test's driver counts, last thing at exit, gloo's threads (named gloo_tcp_loop, pt_gloo_runloop): they
+# must be joined by then (repae.leave_process_group at exit), or one freeing a tensor during interpreter teardown
+# aborts the process (SIGABRT). Other threads may still be ending, as the DataLoader's queue feeders, closed unjoined.
+DRIVER_START = """import atexit, os, sys, signal, torch, repae
+def gloo_threads():
+    names = []
+    for task in os.listdir('/proc/self/task'):
+        try:
+            names.append(open(f'/proc/self/task/{task}/comm').read())
+        except FileNotFoundError:                           # a thread that ended meanwhile
+            pass
+    return sum(name.startswith(('gloo', 'pt_gloo')) for name in names)
+atexit.register(lambda: print(f"threads left: {gloo_threads()}"))
+"""
 DRIVER_END = "repae.main(repae.parse_args(sys.argv[1:]))\n"
 
 
@@ -2035,14 +2044,21 @@ def test_sample_one_and_three_processes_give_identical_npz(tmp_path):
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     driver = tmp_path / "driver.py"                          # sample.py's main, counting the threads left at exit
     driver.write_text(DRIVER_START + "import sample\nsample.main(sample.parse_args(sys.argv[1:]))\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                        str(driver), *flags, "--sample-dir", str(tmp_path / "three")], cwd=HERE,
-                       env=dict(env, OMP_NUM_THREADS="1", PYTHONPATH=HERE),
-                       capture_output=True, text=True, timeout=180)
+    three = lambda: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                                    str(driver), *flags, "--sample-dir", str(tmp_path / "three")], cwd=HERE,
+                                   env=dict(env, OMP_NUM_THREADS="1", PYTHONPATH=HERE),
+                                   capture_output=True, text=True, timeout=180)
+    r = three()
     assert r.returncode == 0 and "with 3 process(es)" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.count("threads left: 0") == 3, r.stdout[-2000:]
-    one, three = _sample_npz(tmp_path / "one"), _sample_npz(tmp_path / "three")
-    assert one.shape == (6, 64, 64, 3) and np.array_equal(one, three)
+    one, arr = _sample_npz(tmp_path / "one"), _sample_npz(tmp_path / "three")
+    assert one.shape == (6, 64, 64, 3) and np.array_equal(one, arr)
+    (npz,) = (tmp_path / "three").glob("*.npz")              # rank 0's .npz on a full disk stops all three with
+    npz.unlink()                                            # its sentence, none with a traceback from a barrier
+    os.symlink("/dev/full", f"{npz}.tmp")
+    r = three()
+    assert r.returncode != 0 and r.stderr.count(": error: could not write") == 1, r.stderr[-3000:]
+    assert "[rank1]" not in r.stderr and "[rank2]" not in r.stderr
 
 
 def test_sample_frozen_vae_checkpoint_equals_the_end_to_end_layout(tmp_path, capsys):
