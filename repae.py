@@ -38,16 +38,17 @@ import torchvision
 from PIL import Image
 
 
-def say(kind, msg):
-    """`<program>: <kind>: <msg>` on stderr; under torchrun only rank 0 speaks."""
-    if os.environ.get("RANK", "0") == "0":
+def say(kind, msg, own=False):
+    """`<program>: <kind>: <msg>` on stderr; under torchrun only rank 0 speaks, but any rank of its own error."""
+    if own or os.environ.get("RANK", "0") == "0":
         print(f"{os.path.basename(sys.argv[0])}: {kind}: {msg}", file=sys.stderr, flush=True)
 
 
-def fail(msg, code=2):
+def fail(msg, code=2, own=False):
     """Stop with one sentence that says what is wrong and what to do, no stack trace. Exit status 2: bad input,
-    found before anything was written; 1: a run that went wrong later (see the Training loop banner)."""
-    say("error", msg)
+    found before anything was written; 1: a run that went wrong later (see the Training loop banner). own: an error
+    of this process alone (its own file), said by it whatever its rank."""
+    say("error", msg, own)
     raise SystemExit(code)
 
 

@@ -247,8 +247,8 @@ def main(args):
         for i, image in zip(indices, gen(indices)):
             if not os.path.exists(png(i)):                   # kept PNGs are never rewritten
                 error = save(png(i), lambda f: Image.fromarray(image).save(f, format="PNG"))
-                if error:                                   # this process's own PNG: it stops alone
-                    fail(error, code=1)
+                if error:                                   # this process's own PNG: it stops, and says why
+                    fail(error, code=1, own=True)
         done += len(indices)
         rate = done * world / (time.time() - t0)            # rank 0's pace times the processes
         log(f"{min(done * world, total)}/{total} drawn, {rate:.2f} images/s, "

@@ -2053,10 +2053,16 @@ def test_sample_one_and_three_processes_give_identical_npz(tmp_path):
     assert r.stdout.count("threads left: 0") == 3, r.stdout[-2000:]
     one, arr = _sample_npz(tmp_path / "one"), _sample_npz(tmp_path / "three")
     assert one.shape == (6, 64, 64, 3) and np.array_equal(one, arr)
-    (npz,) = (tmp_path / "three").glob("*.npz")              # rank 0's .npz on a full disk stops all three with
-    npz.unlink()                                            # its sentence, none with a traceback from a barrier
-    os.symlink("/dev/full", f"{npz}.tmp")
+    (npz,) = (tmp_path / "three").glob("*.npz")
+    npz.unlink()
+    folder, png = tmp_path / f"three/{npz.stem}", tmp_path / f"three/{npz.stem}/000002.png"
+    for i in range(3):                                      # batches (0, 1) and (2, 3) redrawn: rank 1 draws 2 and
+        (folder / f"{i:06d}.png").unlink()                  # 3, and says its own write error itself
+    os.symlink("/dev/full", f"{png}.tmp")
     r = three()
+    assert r.returncode != 0 and f"error: could not write '{png}' ([Errno 28]" in r.stderr, r.stderr[-3000:]
+    os.symlink("/dev/full", f"{npz}.tmp")                   # rank 0's .npz on a full disk: its sentence stops all
+    r = three()                                             # three, none with a traceback from a barrier
     assert r.returncode != 0 and r.stderr.count(": error: could not write") == 1, r.stderr[-3000:]
     assert "[rank1]" not in r.stderr and "[rank2]" not in r.stderr
 
