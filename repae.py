@@ -1487,21 +1487,21 @@ def cache_latents(args):
     ds, base, B = build_dataset(args), os.path.join(args.data_dir, args.vae_latents_name), args.pproc_batch_size
     meta, n = cache_meta(ds, args), len(ds)
     vae = load_vae(args).to(dist_env.device).eval()
-    if os.path.exists(base + ".json") and json.load(open(base + ".json")) != meta:
+    begun, h = os.path.exists(base + ".json"), args.resolution // vae.factor    # the .json marks a pass begun
+    if begun and json.load(open(base + ".json")) != meta:
         fail(f"'{base}.npy' holds the latents of another VAE, resolution or image folder; pick another "
              f"--vae-latents-name (or delete {base}.*)")
-    shape, have = (n, 2 * vae.z_channels, args.resolution // vae.factor, args.resolution // vae.factor), 0
-    if os.path.exists(base + ".json"):                      # a sparse file: what a killed pass wrote is on disk
-        have = os.stat(base + ".npy").st_blocks * 512
+    # the .npy is sparse: what a killed pass wrote is on disk, only the rest needs room
+    shape, have = (n, 2 * vae.z_channels, h, h), os.stat(base + ".npy").st_blocks * 512 if begun else 0
     need, free = (4 * math.prod(shape) - have) / 2 ** 30, shutil.disk_usage(args.data_dir).free / 2 ** 30
     if free < need:                                         # a memmap write to a full disk dies of SIGBUS, unsaid
         fail(f"the latent cache '{base}.npy' needs {need:.3g} GB more but '{args.data_dir}' has {free:.3g} GB free; "
              f"free some space there")
     error = None
-    if dist_env.is_main and not os.path.exists(base + ".json"):
+    if dist_env.is_main and not begun:
         np.lib.format.open_memmap(base + ".npy", "w+", np.float32, shape).flush()
         np.lib.format.open_memmap(base + ".done.npy", "w+", np.uint8, (n,)).flush()
-        e = write_atomic(base + ".json", lambda f: f.write(json.dumps(meta).encode()))    # it marks the pass begun
+        e = write_atomic(base + ".json", lambda f: f.write(json.dumps(meta).encode()))
         if e:
             error = f"could not write '{base}.json' ({e}); free some space and run --cache-latents again"
     fail_together(error, dist_env)                          # the other ranks open the files only once they exist
