@@ -2718,8 +2718,8 @@ _FID_BAD_INPUT = {  # case: what its one line must say
 
 
 @pytest.fixture(scope="module")
-def _fid_bad_runs(tmp_path_factory, _fid_ckpt):
-    """Every bad-input case of the CLI as a subprocess, all started at once: each spends ~4 s importing torch."""
+def _fid_bad_inputs(tmp_path_factory, _fid_ckpt):
+    """Every bad-input case of the CLI: its argv and the --save-stats file it must not leave behind."""
     d = tmp_path_factory.mktemp("fid_bad")
     good = d / "good.npz"
     np.savez(good, arr_0=_fid_images(10, size=16))
@@ -2754,20 +2754,18 @@ def _fid_bad_runs(tmp_path_factory, _fid_ckpt):
             "damaged_npz_header": [d / "smooth.npz", good],
             "too_few_for_fid": [good, good, "--metrics", "fid"],
             "save_stats_bad_folder": [good, good, "--save-stats", d / "missing" / "s.npz"]}
-    runs = {}
-    for case, args in argv.items():
-        save = d / f"{case}_stats.npz"  # must not exist afterwards: a failed run leaves nothing behind
-        cmd = [sys.executable, os.path.join(HERE, "fid.py"), "--device", "cpu", "--inception-ckpt", str(_fid_ckpt),
-               "--save-stats", str(save), *map(str, args)]
-        runs[case] = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), save
-    return runs
+    save = {case: d / f"{case}_stats.npz" for case in argv}  # must not exist afterwards: a failed run leaves nothing
+    return {case: (["--device", "cpu", "--inception-ckpt", str(_fid_ckpt), "--save-stats", str(save[case]),
+                    *map(str, args)], save[case]) for case, args in argv.items()}
 
 
 @pytest.mark.parametrize("case", list(_FID_BAD_INPUT))
-def test_fid_bad_input_is_one_line_and_exit_status_2(case, _fid_bad_runs):
-    proc, save = _fid_bad_runs[case]
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and out == "" and "Traceback" not in err, err
-    assert len(err.splitlines()) == 1 and err.startswith("fid.py: error: "), err
+def test_fid_bad_input_is_one_line_and_exit_status_2(case, _fid_bad_inputs, capsys, restore_determinism):
+    """In this process: fid.py's __main__ is main(parse_args()), and an escaping exception fails the test."""
+    argv, save = _fid_bad_inputs[case]
+    with pytest.raises(SystemExit) as e:
+        fid.main(fid.parse_args(argv))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith("fid.py: error: "), err
     assert all(fragment in err for fragment in _FID_BAD_INPUT[case]), err
     assert not save.exists()
