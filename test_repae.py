@@ -896,16 +896,17 @@ def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler_not_a_stop(tmp_pat
         m.amp_dtype, m.scaler = torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)
         return m
     monkeypatch.setattr(repae, "build", fp16)
-    run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2", "--log-every", "1")
+    small = ("--resolution", "32")                          # fp16 on a CPU is slow; the scaler does not care
+    run = train(tmp_path, *small, "--max-train-steps", "2", "--checkpointing-steps", "2", "--log-every", "1")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert not math.isfinite(rows[0]["grad_norm_sit"]) and all(math.isfinite(r["l_diff"]) for r in rows)
     scale = load_ckpt(run / "checkpoints/0000002.pt")["scaler"]["scale"]
     assert scale < 2.0 ** 100
-    run = train(tmp_path, "--max-train-steps", "3", "--checkpointing-steps", "3", "--resume", "auto")
+    run = train(tmp_path, *small, "--max-train-steps", "3", "--checkpointing-steps", "3", "--resume", "auto")
     assert load_ckpt(run / "checkpoints/0000003.pt")["scaler"]["scale"] <= scale    # resumed, not a new 2 ** 100
     step = repae.repae_step
     monkeypatch.setattr(repae, "repae_step", lambda *a: {**step(*a), "l_diff": torch.tensor(float("nan"))})
-    assert "non-finite loss or gradient at step 1: " in error(capsys, train, tmp_path / "b", code=1)
+    assert "non-finite loss or gradient at step 1: " in error(capsys, train, tmp_path / "b", *small, code=1)
 
 
 def make_images(folder, classes=2, per_class=4, size=(80, 70)):
