@@ -721,7 +721,7 @@ def assert_same(a, b, where=""):
 def test_resume_is_bitwise_exact(tmp_path):
     # 24 images in micro-batches of 4, K = 2 per update: 3 updates an epoch. The resume at step 4 starts inside
     # epoch 1, after its first update's K micro-batches, and the resumed run crosses into epoch 2.
-    flags = ("--max-images", "24", "--batch-size", "4", "--gradient-accumulation-steps", "2")
+    flags = ("--max-images", "24", "--batch-size", "4", "--gradient-accumulation-steps", "2", "--sample-every", "6")
     one = train(tmp_path / "one", "--max-train-steps", "7", "--checkpointing-steps", "7", *flags)
     two = train(tmp_path / "two", "--max-train-steps", "4", "--checkpointing-steps", "4", *flags)
     with open(two / "metrics.jsonl", "a") as f:             # a row cut short (by a full disk) after the checkpoint
@@ -731,6 +731,8 @@ def test_resume_is_bitwise_exact(tmp_path):
     for k in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "rng", "steps"):
         assert_same(a[k], b[k], k)
     assert not torch.equal(a["ema"]["final_layer.linear.weight"], a["model"]["final_layer.linear.weight"])
+    for grid in ("0000006-samples.png", "0000006-recon.png"):     # preview noise and labels from --seed alone
+        assert (one / "samples" / grid).read_bytes() == (two / "samples" / grid).read_bytes()
     log = (two / "log.txt").read_text()                     # appended to: the first part's lines are kept
     assert "done: steps 0 to 4" in log and "at step 4\n" in log and "not bitwise" not in log
     assert json.loads((two / "args.json").read_text())["max_train_steps"] == 4      # the run's first command, kept
