@@ -12,11 +12,11 @@ Exit status 0 on success; 2 on bad input, reported as one line `fid.py: error: .
 import argparse
 import json
 import os
-import pickle
 import struct
 import sys
 import time
 import tokenize
+import warnings
 import zipfile
 import zlib
 
@@ -155,11 +155,35 @@ def build_inception(ckpt=None):
     if ckpt is not None and not os.path.isfile(ckpt):
         raise InputError(f"--inception-ckpt {ckpt} does not exist.")
     path = ckpt or _download_weights()
+    return _inception_from_state(_load_weights(path, cached=ckpt is None), path)
+
+
+def _load_weights(path, cached=False):
+    """torch.load(path) of the Inception weights, or one InputError sentence on a file it cannot read."""
+    fix = "pass pt_inception-2015-12-05-6726825d.pth with --inception-ckpt."
+    what = f"the cached Inception weights {path} are" if cached else f"{path} is"
+    if cached:
+        fix = f"delete it to download it again, or {fix}"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # what torch.load raises on a damaged file
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); pass "
-                         "pt_inception-2015-12-05-6726825d.pth with --inception-ckpt.") from e
+        # Warnings would be extra stderr lines: random bytes opening with a pickle PROTO opcode make torch warn
+        # about the protocol before failing; the strict key check of _inception_from_state decides, not them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # the file exists (checked) but cannot be opened or read: not a damaged file
+        raise InputError(f"{what} not readable ({e.strerror or e}); {fix}") from e
+    except Exception as e:
+        # A damaged or foreign file makes torch's weights-only unpickler raise nearly anything: UnpicklingError,
+        # EOFError, IndexError (pop from empty list), KeyError (a memo miss), UnicodeDecodeError, struct.error,
+        # TypeError, ValueError, RuntimeError (a cut zip archive, a wrong magic number). Only the type goes into
+        # the sentence: torch's UnpicklingError text advises weights_only=False, wrong for a corrupt file.
+        kind = type(e).__name__ if type(e).__module__ in ("builtins", "_pickle", "pickle") else \
+            f"{type(e).__module__}.{type(e).__name__}"
+        raise InputError(f"{what} not a readable PyTorch checkpoint ({kind}): the file is corrupt or not a "
+                         f"checkpoint; {fix}") from e
+
+
+def _inception_from_state(state, path):
     model = InceptionFID()
     expected = model.state_dict()
     got = state if isinstance(state, dict) else {}
@@ -643,8 +667,8 @@ def _device(text):
 
 
 def parse_args(argv=None):
-    p = _Parser(prog="fid.py", description="FID, sFID, Inception Score and precision/recall as the ADM evaluator "
-                                           "computes them.")
+    p = _Parser(prog="fid.py", allow_abbrev=False,  # --inception is not --inception-ckpt, as in repae.py, sample.py
+                description="FID, sFID, Inception Score and precision/recall as the ADM evaluator computes them.")
     p.add_argument("samples", help="samples: .npz (arr_0 uint8 NHWC, or statistics) or a folder of images")
     p.add_argument("reference", help="reference: same formats, e.g. ADM's VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("--metrics", type=_metric_list, default=None,
