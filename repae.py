@@ -714,6 +714,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -740,7 +741,9 @@ def load_file(path, flag, mmap=False):
     # released checkpoints pickle their args; set at each load, as timm's safe_globals context removes it on exit
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():                     # torch warns about some garbage before it raises
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # every unpickler error means one thing: these bytes are not weights
         fail(f"'{path}' is unreadable: it is corrupt or not a PyTorch weights file; replace it or pass another "
              f"with {flag}")
@@ -1115,8 +1118,8 @@ def save_checkpoint(path, m, args, step, dist_env):
             ckpt.update(discriminator=m.disc.state_dict(), opt_vae=m.opt_vae.state_dict(),
                         opt_disc=m.opt_disc.state_dict())
         if e := write_atomic(path, lambda f: torch.save(ckpt, f)):
-            error = f"could not write checkpoint '{path}' ({e}); the earlier checkpoints are intact: free some space, " \
-                    f"then continue with --resume auto"
+            error = f"could not write checkpoint '{path}' ({e}); the earlier checkpoints are intact: free some " \
+                    f"space, then continue with --resume auto"
     fail_together(error, dist_env)
 
 def load_checkpoint(path, m, args, dist_env):
@@ -1408,7 +1411,8 @@ def benchmark(args):
               f"({'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'})\n"
               f"flops_per_step: {flops / 1e12:.4f} TFLOP per process; achieved {flops / step_s / 1e12:.2f} TFLOP/s\n"
               f"mfu: {mfu}\nwarmup_s: {t_warmup:.1f} ({warmup} steps{', compile included' * args.compile}); graphs "
-              f"compiled: {compiled}, of which during the timed steps (recompiles): {graphs['unique_graphs'] - compiled}")
+              f"compiled: {compiled}, of which during the timed steps (recompiles): "
+              f"{graphs['unique_graphs'] - compiled}")
 
 
 #################################################################################

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -179,14 +180,44 @@ def save(path, write):
                 f"the same command again")
 
 
+class _Unreadable(Exception):
+    """A PNG write_npz cannot read, carried through repae.write_atomic (which takes an OSError for a full disk)."""
+
+
+def _png_array(sample_dir, i, shape=None):
+    try:
+        with Image.open(f"{sample_dir}/{i:06d}.png") as im:
+            a = np.asarray(im)
+        if shape is not None and a.shape != shape:
+            raise ValueError(f"{sample_dir}/{i:06d}.png is {a.shape}, {sample_dir}/000000.png {shape}")
+        return a.astype(np.uint8, copy=False)
+    except Exception as e:
+        raise _Unreadable(e) from e
+
+
 def write_npz(sample_dir, n, log):
-    """<sample_dir>.npz from its n PNGs: arr_0, (N, H, W, 3) uint8, the ADM format. Returns save's error."""
-    arr = np.empty((n, *np.asarray(Image.open(f"{sample_dir}/000000.png")).shape), dtype=np.uint8)   # 9.8 GB at 50k
-    for i in range(n):
-        arr[i] = np.asarray(Image.open(f"{sample_dir}/{i:06d}.png"))
-    error = save(f"{sample_dir}.npz", lambda f: np.savez(f, arr_0=arr))
+    """<sample_dir>.npz from its n PNGs: arr_0, (N, H, W, 3) uint8, the ADM format, stored uncompressed as np.savez
+    writes it (fid.py memory-maps it). Streamed PNG by PNG: one image in memory, not N (9.8 GB at 50k). A PNG that
+    cannot be read raises its own error, no .npz or .npz.tmp left. Returns save's error."""
+    path, unreadable = f"{sample_dir}.npz", None
+    try:
+        shape = (n, *_png_array(sample_dir, 0).shape)
+
+        def write(f):   # np.savez's layout: a zip64 member arr_0.npy, ZIP_STORED, a .npy 1.0 header, C-order rows
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
+                    zf.open("arr_0.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                for i in range(n):
+                    member.write(_png_array(sample_dir, i, shape[1:]).data)
+        error = save(path, write)
+    except _Unreadable as e:
+        unreadable = e.args[0]
+        if os.path.lexists(f"{path}.tmp"):      # repae.write_atomic's, left by an error it does not catch
+            os.remove(f"{path}.tmp")
+    if unreadable:
+        raise unreadable                        # the PNG's own error, outside the handler: no chained _Unreadable
     if not error:
-        log(f"saved {sample_dir}.npz {arr.shape}")
+        log(f"saved {path} {shape}")
     return error
 
 
@@ -270,6 +301,9 @@ def class_labels(text):                                     # argparse: "invalid
     return [int(c) for c in text.split(",")]
 
 
+FROM_CKPT = " (default: the checkpoint's)"
+
+
 def parse_args(argv=None):
     p = repae.Parser(description="Sample a REPA-E / SiT checkpoint to PNGs and an ADM .npz")
     a = p.add_argument
@@ -279,28 +313,35 @@ def parse_args(argv=None):
     a("--vae-ckpt", default=None, help="VAE weights; default: the checkpoint's `vae`, else the run's --vae-ckpt")
     a("--latents-stats", default=None, help="latent statistics file; default: the EMA SiT's BatchNorm buffers")
     a("--sample-dir", default="samples", help="parent of the PNG folder <run>-<step>-<settings> and its .npz")
-    a("--num-fid-samples", type=repae.at_least(1), default=50_000)
+    a("--num-fid-samples", type=repae.at_least(1), default=50_000, help="images to sample (the FID reference: 50k)")
     a("--pproc-batch-size", type=repae.at_least(1), default=128, help="batch per process")
-    a("--global-seed", type=repae.at_least(0), default=0)
-    a("--mode", default="sde", choices=["ode", "sde"])
-    a("--num-steps", type=repae.at_least(1), default=250)
+    a("--global-seed", type=repae.at_least(0), default=0, help="sample i draws from its own (seed, i) generator")
+    a("--mode", default="sde", choices=["ode", "sde"], help="Euler ODE or Euler-Maruyama SDE sampler")
+    a("--num-steps", type=repae.at_least(1), default=250, help="sampler steps")
     a("--heun", action=argparse.BooleanOptionalAction, default=False, help="Heun correction (ODE only)")
     a("--cfg-scale", type=float, default=1.0, help="1 = no guidance; paper: 2.2 (SD-VAE SiT-XL/2), 2.5 (E2E-VA-VAE)")
-    a("--guidance-low", type=float, default=0.0)
+    a("--guidance-low", type=float, default=0.0, help="guidance applies for guidance-low <= t <= guidance-high")
     a("--guidance-high", type=float, default=1.0, help="paper: 0.65 (SD-VAE SiT-XL/2), 0.75 (E2E-VA-VAE)")
     a("--balanced", action="store_true", help="exactly N / num_classes samples of each class")
     a("--class-labels", type=class_labels, help="comma-separated classes of a --grid figure, one image each")
     a("--grid", action="store_true", help="write one PNG grid of --class-labels instead of the FID folder")
     a("--mixed-precision", default="no", choices=list(repae.AMP_DTYPES), help="SiT autocast on CUDA (CPU: fp32)")
     a("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA, as generate.py")
-    # overrides of the checkpoint's args (a checkpoint without args: the defaults of repae.py)
-    a("--model", default=None, choices=list(repae.SiT_models))
-    a("--vae", default=None, choices=list(repae.vae_models))
-    a("--resolution", type=repae.at_least(32), default=None)
-    a("--num-classes", type=repae.at_least(1), default=None)
-    a("--encoder-depth", type=repae.at_least(1), default=None)
-    a("--path-type", default=None, choices=["linear", "cosine"])
+    a = p.add_argument_group("overrides of the checkpoint's settings",
+                             "each defaults to the checkpoint's own args (a checkpoint without args: repae.py's "
+                             "defaults); give one only for a checkpoint whose args are wrong or missing").add_argument
+    # SUPPRESS: --help says "(default: the checkpoint's)", not None; the flags not given are set to None below
+    a("--model", default=argparse.SUPPRESS, choices=list(repae.SiT_models), help="the SiT" + FROM_CKPT)
+    a("--vae", default=argparse.SUPPRESS, choices=list(repae.vae_models), help="the VAE layout" + FROM_CKPT)
+    a("--resolution", type=repae.at_least(32), default=argparse.SUPPRESS, help="image side in pixels" + FROM_CKPT)
+    a("--num-classes", type=repae.at_least(1), default=argparse.SUPPRESS,
+      help="class labels (the null label is this index)" + FROM_CKPT)
+    a("--encoder-depth", type=repae.at_least(1), default=argparse.SUPPRESS,
+      help="SiT block whose tokens feed the projectors" + FROM_CKPT)
+    a("--path-type", default=argparse.SUPPRESS, choices=["linear", "cosine"], help="the interpolant" + FROM_CKPT)
     args = p.parse_args(argv)
+    for k in MODEL_FLAGS:
+        setattr(args, k, getattr(args, k, None))            # None: the checkpoint's own setting
     if (args.ckpt is None) == (args.exp_path is None) or (args.exp_path is None) != (args.train_steps is None):
         p.error("name the checkpoint with --ckpt, or with --exp-path and --train-steps (generate.py's flags)")
     if args.exp_path:

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -2876,3 +2877,258 @@ def test_write_npz_peak_memory_does_not_grow_with_the_number_of_images(tmp_path)
     # the whole array (64 x 12 KiB = 768 KiB, twice over with np.savez's copy) was in memory at once; now one image
     # and PIL's and zipfile's buffers are
     assert peaks[64] < 2 * peaks[8] and peaks[64] < 64 * h * w * 3 / 4, peaks
+
+
+SHORT = ("--smoke", "--max-train-steps", "2", "--sample-every", "0", "--log-every", "1")
+
+
+def not_notes(stderr):
+    """stderr's lines other than repae.py's own notes ("repae.py: note: ..."): a warning is one of them."""
+    return [line for line in stderr.splitlines() if not line.startswith("repae.py: note: ")]
+
+
+#################################################################################
+#                    Clean output: no warnings, LPIPS >= 0                       #
+#################################################################################
+
+def test_smoke_run_prints_no_warning_and_logs_non_negative_lpips(tmp_path):
+    """PYTHONWARNINGS=default shows what Python hides by default (ResourceWarning: an unclosed log file)."""
+    r = run_cli("repae.py", *SHORT, "--output-dir", str(tmp_path), env={"PYTHONWARNINGS": "default"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Warning" not in r.stderr and not_notes(r.stderr) == [], r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "smoke/metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["lpips"] >= 0 for row in rows), [row["lpips"] for row in rows]   # a distance: heads >= 0
+
+
+def test_two_processes_of_two_threads_print_no_grad_strides_warning(tmp_path):
+    """With 2 threads a process, a non-contiguous attention output gave proj_out a weight gradient whose strides
+    are not the parameter's, which DDP reports as "Grad strides do not match bucket view strides"."""
+    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "repae.py", *SHORT, "--output-dir", str(tmp_path),
+                env={"OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "default"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Grad strides do not match" not in r.stderr and "Warning" not in r.stderr, r.stderr[-3000:]
+    assert not_notes(r.stderr) == [], r.stderr[-3000:]
+    assert "2 processes on cpu" in r.stdout and "done: steps 0 to 2" in r.stdout
+
+
+def test_attn_block_gradients_have_their_parameters_strides():
+    """DDP's gradient layout contract: each grad strided as its parameter. is_contiguous() is not enough: a
+    (64, 64, 1, 1) weight's grad with strides (64, 1, 64, 64) is contiguous too (its size-1 dims' strides)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)                                # the layout of the channels-last grad depends on it
+    try:
+        torch.manual_seed(0)
+        block = repae.AttnBlock(64)
+        block(torch.randn(4, 64, 8, 8)).square().sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    for name, p in block.named_parameters():
+        assert p.grad is not None and p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
+
+
+#################################################################################
+#                 Multi-node: two torchrun nodes = one node of two               #
+#################################################################################
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_bitwise_as_one_node_of_two_processes(tmp_path):
+    flags = ("repae.py", "--smoke", "--max-train-steps", "3", "--batch-size", "4", "--sample-every", "0",
+             "--log-every", "1", "--checkpointing-steps", "3")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", *flags, "--output-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               *flags, "--output-dir", str(tmp_path / "two")], cwd=HERE, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) for i in (0, 1)]
+    try:
+        outs = [node.communicate(timeout=300) for node in nodes]
+    finally:                                    # a node left waiting for its peer is stopped, with its worker
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    assert "2 processes on cpu" in outs[0][0] and "done: steps 0 to 3" in outs[0][0]
+    a, b = (load_ckpt(tmp_path / f"{run}/smoke/checkpoints/0000003.pt") for run in ("one", "two"))
+    assert a["steps"] == b["steps"] == 3
+    for key in ("model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "rng", "scaler"):
+        assert_same(a[key], b[key], key)                    # torch.equal on every tensor
+    assert not torch.equal(a["model"]["x_embedder.proj.weight"], a["ema"]["x_embedder.proj.weight"])   # it trained
+    assert {k for k in vars(a["args"]) if vars(a["args"])[k] != vars(b["args"])[k]} == {"output_dir"}
+
+
+#################################################################################
+#          The released discriminator beside --vae-ckpt is the default           #
+#################################################################################
+
+def released_vae_folder(d):
+    """vae.pt (smoke size) with its vae-latents-stats.pt and vae-discriminator-ckpt.pt, as the REPA-E release."""
+    vae = repae.build_vae(smoke_args())
+    torch.save(vae.state_dict(), d / "vae.pt")
+    c = vae.z_channels
+    torch.save(dict(latents_scale=torch.linspace(0.2, 0.3, c).view(1, c, 1, 1),
+                    latents_bias=torch.linspace(-0.1, 0.1, c).view(1, c, 1, 1)), d / "vae-latents-stats.pt")
+    torch.manual_seed(1)
+    disc = repae.NLayerDiscriminator()
+    for p in disc.parameters():
+        nn.init.uniform_(p, -0.05, 0.05)                   # not its initialisation
+    torch.save(disc.state_dict(), d / "vae-discriminator-ckpt.pt")
+    return d / "vae.pt", d / "vae-discriminator-ckpt.pt"
+
+
+def test_the_discriminator_beside_vae_ckpt_is_loaded_by_default(tmp_path):
+    vae, disc = released_vae_folder(tmp_path)
+    args = smoke_args("--vae-ckpt", str(vae))
+    assert args.disc_pretrained_ckpt == str(disc)
+    saved = torch.load(disc, weights_only=True)
+    got = repae.build(args, CPU.device).disc.state_dict()
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+    assert not torch.equal(repae.NLayerDiscriminator().state_dict()["main.0.weight"], saved["main.0.weight"])
+    run = train(tmp_path / "with", "--vae-ckpt", str(vae), "--max-train-steps", "1")
+    assert f"discriminator: from {disc};" in (run / "log.txt").read_text()
+    os.remove(disc)
+    assert smoke_args("--vae-ckpt", str(vae)).disc_pretrained_ckpt is None
+    run = train(tmp_path / "without", "--vae-ckpt", str(vae), "--max-train-steps", "1")
+    assert f"discriminator: random: no {disc} beside --vae-ckpt;" in (run / "log.txt").read_text()
+    # a frozen VAE computes no GAN loss: it picks no discriminator file, and builds none
+    released_vae_folder(tmp_path)
+    frozen = smoke_args("--vae-ckpt", str(vae), "--freeze-vae")
+    assert frozen.disc_pretrained_ckpt is None and repae.build(frozen, CPU.device).disc is None
+
+
+#################################################################################
+#             Unreadable weights files: one sentence naming the flag             #
+#################################################################################
+
+def write_junk(path, case):
+    """The bytes of `case` at path; returns the exception type torch.load (weights_only) raises on them."""
+    data, raised = _FID_UNREADABLE_CKPT[case]
+    path.write_bytes(data)
+    return raised
+
+
+def load_raises(path, mmap=False):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception) as e:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    return type(e.value)
+
+
+def one_sentence(err, path, flag, program):
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "weights_only" not in err, err
+    assert err == f"{program}: error: '{path}' is unreadable: it is corrupt or not a PyTorch weights file; replace " \
+                  f"it or pass another with {flag}\n", err
+
+
+@pytest.mark.parametrize("case", list(_FID_UNREADABLE_CKPT))
+def test_unreadable_weights_are_one_sentence_naming_the_flag(case, tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    raised = write_junk(junk, case)
+    assert load_raises(junk) is raised, f"torch.load now raises {load_raises(junk).__name__} on {case}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                     # the CLI test below checks the warning of one case
+        err = error(capsys, repae.load_file, str(junk), "--vae-ckpt")
+    one_sentence(err, junk, "--vae-ckpt", os.path.basename(sys.argv[0]))
+
+
+def test_sample_py_unreadable_ckpt_or_vae_ckpt_is_one_sentence(tmp_path, capsys, restore_determinism):
+    """--ckpt is memory-mapped (torch.load says RuntimeError on any non-zip file); --vae-ckpt is unpickled, so
+    each exception type of the unpickler reaches sample.py there."""
+    ckpt = train(tmp_path / "run", "--max-train-steps", "1") / "checkpoints/0000001.pt"
+    capsys.readouterr()
+    program = os.path.basename(sys.argv[0])
+    for case in _FID_UNREADABLE_CKPT:
+        junk = tmp_path / f"{case}.pt"
+        raised = write_junk(junk, case)
+        assert load_raises(junk, mmap=True) is RuntimeError and load_raises(junk) is raised, case
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for argv, flag in ((["--ckpt", str(junk)], "--ckpt"), (["--ckpt", str(ckpt), "--vae-ckpt", str(junk)],
+                                                                  "--vae-ckpt")):
+                one_sentence(error(capsys, sample.main, sample.parse_args(argv + ["--sample-dir", str(tmp_path)])),
+                             junk, flag, program)
+    assert set(os.listdir(tmp_path)) == {"run", *(f"{case}.pt" for case in _FID_UNREADABLE_CKPT)}   # no folder
+
+
+def test_sample_py_cli_unreadable_ckpt_stderr_is_one_line(tmp_path):
+    for case in ("truncated_zip", "protocol_warning_then_index_error"):
+        junk = tmp_path / f"{case}.pt"
+        write_junk(junk, case)
+        r = run_cli("sample.py", "--ckpt", str(junk), "--sample-dir", str(tmp_path), env={"PYTHONWARNINGS": "default"})
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        one_sentence(r.stderr, junk, "--ckpt", "sample.py")
+
+
+def test_repae_py_cli_unreadable_vae_ckpt_stderr_is_one_line(tmp_path):
+    """These bytes make torch warn before it raises; the warning is not for the user of a corrupt file."""
+    junk = tmp_path / "vae.pt"
+    assert write_junk(junk, "protocol_warning_then_index_error") is IndexError
+    r = run_cli("repae.py", "--smoke", "--vae-ckpt", str(junk), "--output-dir", str(tmp_path / "out"))
+    assert r.returncode == 2 and not (tmp_path / "out").exists(), r.stderr
+    one_sentence(r.stderr, junk, "--vae-ckpt", "repae.py")
+
+
+#################################################################################
+#                   --help: option groups and every default                      #
+#################################################################################
+
+def help_entries(text):
+    """{'--flag': its help, whitespace collapsed} of an argparse --help text."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if re.match(r"  -", line):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("      "):
+            entries[current] += line
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def test_repae_help_shows_option_groups_and_defaults():
+    r = run_cli("repae.py", "--help", env={"COLUMNS": "100"})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    titles = ["data", "models and their weights", "losses", "optimisation", "run folder", "speed and distributed",
+              "tools"]
+    lines = r.stdout.splitlines()
+    assert all(f"{t}:" in lines for t in titles)
+    assert [lines.index(f"{t}:") for t in titles] == sorted(lines.index(f"{t}:") for t in titles)
+    entries = help_entries(r.stdout)
+    assert entries["--resolution"].endswith("(default: 256)") and entries["--model"].endswith("(default: SiT-XL/2)")
+    assert entries["--batch-size"].endswith("(default: 256)") and entries["--proj-coeff"].endswith("(default: 0.5)")
+    # the --disc-pretrained-ckpt help says where its default comes from
+    assert "<vae-ckpt stem>-discriminator-ckpt.pt" in entries["--disc-pretrained-ckpt"]
+    data = lines[lines.index("data:") + 1:lines.index("models and their weights:")]
+    assert any(line.startswith("  --resolution") for line in data)
+
+
+def test_sample_help_groups_the_checkpoint_overrides_and_shows_every_default():
+    r = run_cli("sample.py", "--help", env={"COLUMNS": "100"})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = r.stdout.splitlines()
+    title = "overrides of the checkpoint's settings:"
+    assert title in lines
+    group = "\n".join(lines[lines.index(title) + 1:])
+    assert "defaults to the checkpoint's own args" in " ".join(group.split())
+    entries = help_entries(r.stdout)
+    overrides = ["--model", "--vae", "--resolution", "--num-classes", "--encoder-depth", "--path-type"]
+    assert [f for f in entries if f in overrides] == overrides
+    assert all(re.search(rf"^  {f}\b", group, re.M) for f in overrides)                 # in the group, not above it
+    assert all(entries[f].endswith("(default: the checkpoint's)") for f in overrides)
+    assert all("(default: " in text for f, text in entries.items() if f != "-h"), \
+        [f for f, text in entries.items() if f != "-h" and "(default: " not in text]
+    assert entries["--num-steps"].endswith("(default: 250)") and entries["--mode"].endswith("(default: sde)")
+    assert entries["--num-fid-samples"].endswith("(default: 50000)")
+    # the overrides still parse to None (the checkpoint's value) or to the value given
+    args = sample.parse_args(["--ckpt", "c.pt", "--resolution", "64"])
+    assert [getattr(args, k) for k in sample.MODEL_FLAGS] == [None, None, 64, None, None, None]
