@@ -839,7 +839,7 @@ def test_non_finite_loss_stops_without_overwriting_checkpoints(tmp_path, monkeyp
 # A torchrun test's driver counts, last thing at exit, gloo's threads (named gloo_tcp_loop, pt_gloo_runloop): they
 # must be joined by then (repae.leave_process_group at exit), or one freeing a tensor during interpreter teardown
 # aborts the process (SIGABRT). Other threads may still be ending, as the DataLoader's queue feeders, closed unjoined.
-DRIVER_START = """import atexit, os, sys, signal, torch, repae
+DRIVER_START = """import atexit, os, sys, signal, time, torch, repae
 def gloo_threads():
     names = []
     for task in os.listdir('/proc/self/task'):
@@ -848,7 +848,12 @@ def gloo_threads():
         except FileNotFoundError:                           # a thread that ended meanwhile
             pass
     return sum(name.startswith(('gloo', 'pt_gloo')) for name in names)
-atexit.register(lambda: print(f"threads left: {gloo_threads()}"))
+def threads_left():                                         # a joined thread may take a moment to leave /proc
+    deadline = time.monotonic() + 5
+    while gloo_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return gloo_threads()
+atexit.register(lambda: print(f"threads left: {threads_left()}"))
 """
 DRIVER_END = "repae.main(repae.parse_args(sys.argv[1:]))\n"
 
