@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
 #################################################################################
 #                           PART 1: THE METHOD                                  #
@@ -267,7 +268,8 @@ def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 # ---- SiT with BatchNorm latent normalisation and REPA projector(s) -------------------------------
-# DiT architecture, velocity prediction. Its input BatchNorm turns the VAE latent z into z_n.
+# DiT architecture (timm's attention, MLP and patch embedding), velocity prediction. Its input
+# BatchNorm turns the VAE latent z into z_n.
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -279,14 +281,6 @@ def sincos_pos_embed(dim, grid):
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")
     angles = [p.flatten()[:, None] * omega for p in (cols, rows)]
     return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1).float()
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, in_channels, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, patch_size, patch_size)
-
-    def forward(self, x):                                   # (N, C, H, W) -> (N, T, D)
-        return self.proj(x).flatten(2).transpose(1, 2)
 
 class TimestepEmbedder(nn.Module):
     def __init__(self, dim, freq_dim=256):
@@ -314,39 +308,15 @@ class LabelEmbedder(nn.Module):
             y = torch.where(drop, self.num_classes, y)
         return self.embedding_table(y)
 
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qk_norm=False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.q_norm = nn.LayerNorm(dim // num_heads) if qk_norm else nn.Identity()   # timm's
-        self.k_norm = nn.LayerNorm(dim // num_heads) if qk_norm else nn.Identity()
-
-    def forward(self, x):                                   # (N, T, D)
-        N, T, D = x.shape
-        qkv = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                # (N, heads, T, D / heads) each
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)   # flash on GPU
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
 class SiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning on c = t_emb + y_emb."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qk_norm)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, qk_norm=qk_norm,
+                              norm_layer=nn.LayerNorm)       # qk_norm: a LayerNorm per head dim
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):                                # (N, T, D), (N, D)
@@ -382,7 +352,7 @@ class SiT(nn.Module):
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.encoder_depth = encoder_depth
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         pos = sincos_pos_embed(hidden_size, input_size // patch_size)[None]
@@ -701,9 +671,9 @@ def decode_latent(vae, z_n, scale, bias):
 #################################################################################
 #                           PART 2: RUNNING IT                                  #
 #################################################################################
-# Flags become models, ImageNet becomes batches, torchrun becomes processes (DDP), and main runs the loop with its
-# run folder and checkpoints; then the tools and the command line. Part 1's exceptions become one sentence here,
-# and an exit status: 0 done (or stopped by SIGTERM/SIGINT after a checkpoint), 1 a run that went wrong, 2 bad input.
+# Flags become models, ImageNet becomes batches, torchrun becomes processes (DDP), and main runs the loop. Part 1's
+# exceptions become one sentence here, with an exit status: 0 done (or stopped by a signal after a checkpoint), 1 a
+# run that went wrong, 2 bad input.
 import argparse
 import atexit
 import contextlib
@@ -718,6 +688,7 @@ import warnings
 from types import SimpleNamespace
 
 import numpy as np
+import safetensors.torch
 import torch.distributed as dist
 from PIL import Image
 
@@ -736,13 +707,14 @@ def need_file(path, flag):
         fail(f"weights file '{path}' {what}; pass the right path with {flag}")
 
 def load_file(path, flag, mmap=False):
-    """torch.load of tensors only (a downloaded file cannot run code); mmap: processes share the page cache."""
+    """Tensors only (a downloaded file cannot run code), from torch.save or safetensors files."""
     need_file(path, flag)
-    # released checkpoints pickle their args; set at each load, as timm's safe_globals context removes it on exit
-    torch.serialization.add_safe_globals([argparse.Namespace])
+    torch.serialization.add_safe_globals([argparse.Namespace])   # released checkpoints pickle their args
     try:
         with warnings.catch_warnings():                     # torch warns about some garbage before it raises
             warnings.simplefilter("ignore")
+            if path.endswith(".safetensors"):
+                return safetensors.torch.load_file(path)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # every unpickler error means one thing: these bytes are not weights
         fail(f"'{path}' is unreadable: it is corrupt or not a PyTorch weights file; replace it or pass another "
@@ -763,9 +735,8 @@ def load_state(module, state, what, flag):
 # Pretrained pieces come from local files or their hubs; --random-weights (implied by --smoke and --benchmark)
 # leaves every piece whose file is not given random: no network call at all.
 
-# --smoke: tiny versions of the named models (LPIPS a quarter as wide): minutes on a CPU
 SMOKE = dict(sit=dict(hidden_size=64, num_heads=2, projector_dim=128), vae=dict(ch=32, num_res_blocks=1),
-             encoder=dict(depth=2, embed_dim=64, num_heads=2))
+             encoder=dict(depth=2, embed_dim=64, num_heads=2))          # --smoke: tiny models, minutes on a CPU
 AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # autocast on CUDA only
 
 def build_vae(args):
@@ -774,24 +745,80 @@ def build_vae(args):
     levels = len(vae_models[args.vae].keywords["ch_mult"])   # same depth and latent, narrow
     return vae_models[args.vae](**SMOKE["vae"], ch_mult=(1,) * (levels - 2) + (2, 2))
 
-def load_vae(args):
-    """build_vae with the --vae-ckpt weights; without that file (--random-weights) it stays random."""
-    vae = build_vae(args)
-    if args.vae_ckpt:
-        state = load_file(args.vae_ckpt, "--vae-ckpt")
+# LDM (released) -> diffusers key names, in order; diffusers numbers the decoder's levels from the bottom
+DIFFUSERS_NAMES = [(r"down\.(\d+)\.", r"down_blocks.\1."), (r"\.block\.", ".resnets."), (r"\.attn\.", ".attentions."),
+                   (r"(down|up)sample\.", r"\1samplers.0."), (r"mid\.block_1", "mid_block.resnets.0"),
+                   (r"mid\.block_2", "mid_block.resnets.1"), (r"mid\.attn_1", "mid_block.attentions.0"),
+                   (r"\.norm\.", ".group_norm."), (r"\.([qkv])\.", r".to_\1."), (r"proj_out", "to_out.0"),
+                   (r"norm_out", "conv_norm_out"), (r"nin_shortcut", "conv_shortcut")]
+DIFFUSERS_OLD = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}   # diffusers < 0.14
+
+def diffusers_key(key, levels):
+    key = re.sub(r"up\.(\d+)\.", lambda m: f"up_blocks.{levels - 1 - int(m[1])}.", key)
+    for old, new in DIFFUSERS_NAMES:
+        key = re.sub(old, new, key)
+    return key
+
+def diffusers_config(vae):
+    """The config.json fields of diffusers' AutoencoderKL that describe this VAE (its defaults where optional)."""
+    attn = ["Attn" * bool(len(level.attn)) for level in vae.encoder.down]
+    return dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=vae.z_channels,
+                block_out_channels=[level.block[0].conv1.out_channels for level in vae.encoder.down],
+                layers_per_block=len(vae.encoder.down[0].block), act_fn="silu", norm_num_groups=32,
+                down_block_types=[f"{a}DownEncoderBlock2D" for a in attn],
+                up_block_types=[f"{a}UpDecoderBlock2D" for a in reversed(attn)], use_quant_conv=True,
+                use_post_quant_conv=True, mid_block_add_attention=True)
+
+def read_vae(path, vae, flag):
+    """The weights for vae as an LDM-layout state dict, and the diffusers config (None for a released .pt): a
+    released .pt, or a diffusers AutoencoderKL folder (or its .safetensors), renamed."""
+    if not (os.path.isdir(path) or path.endswith(".safetensors")):
+        state = load_file(path, flag)
         if "vae" in state and "ema" in state:
-            fail(f"--vae-ckpt '{args.vae_ckpt}' is a REPA-E training checkpoint; write its VAE with --export-vae "
-                 f"{args.vae_ckpt} and pass the written e2e-*.pt with --vae-ckpt")
+            fail(f"{flag} '{path}' is a REPA-E training checkpoint; write its VAE with sample.py --export-vae {path} "
+                 f"and pass the written e2e-*.pt with {flag}")
+        return state, None
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    need_file(os.path.join(folder, "config.json"), flag)
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    for k, v in diffusers_config(vae).items():
+        if cfg.get(k, v if k.startswith(("use_", "mid_")) else None) != v:
+            fail(f"{flag} '{path}' is a diffusers VAE with {k} {cfg.get(k)}, but the --vae it is loaded as has {v}; "
+                 f"pass its own --vae (f8d4: SD-VAE, f16d32: IN/VA-VAE), or another {flag}")
+    own, state = vae.state_dict(), {}
+    names = {diffusers_key(k, len(vae.decoder.up)): k for k in own}
+    weights = path if path.endswith(".safetensors") else os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    for k, v in load_file(weights, flag).items():
+        k = names.get(re.sub(r"\.(query|key|value|proj_attn)\.", lambda m: f".{DIFFUSERS_OLD[m[1]]}.", k), k)
+        state[k] = v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v   # linear: 1x1 conv
+    return state, cfg
+
+def load_vae(args):
+    """build_vae with the --vae-ckpt weights, and its latent statistics (scale, bias): --latents-stats, else the
+    -latents-stats.pt beside a released .pt or a diffusers folder's config; without --vae-ckpt random, and 1, 0."""
+    vae, cfg = build_vae(args), None
+    c, stats = vae.z_channels, (torch.ones(vae.z_channels), torch.zeros(vae.z_channels))
+    if args.vae_ckpt:
+        state, cfg = read_vae(args.vae_ckpt, vae, "--vae-ckpt")
         load_state(vae, state, f"--vae-ckpt '{args.vae_ckpt}'",
                    "--vae-ckpt/--vae" + ", --smoke (it builds a tiny VAE)" * args.smoke)
-    return vae
+    if args.latents_stats or (args.vae_ckpt and cfg is None):
+        return vae, load_latent_stats(args.latents_stats or beside(args.vae_ckpt, "-latents-stats.pt"), c)
+    if cfg and cfg.get("latents_mean") and cfg.get("latents_std"):
+        return vae, (1 / torch.tensor(cfg["latents_std"]), torch.tensor(cfg["latents_mean"]))
+    if cfg:                                                 # diffusers' own default scale is SD-VAE's
+        say("note", f"--vae-ckpt '{args.vae_ckpt}' has no latents_mean/latents_std: the BatchNorm starts from its "
+                    f"scaling_factor, which end-to-end training refines and a frozen VAE keeps (or pass "
+                    f"--latents-stats)")
+        stats = torch.full((c,), cfg.get("scaling_factor", 0.18215)), torch.full((c,), cfg.get("shift_factor") or 0.)
+    return vae, stats
 
 def beside(vae_ckpt, suffix):
     """The released names of a VAE's companion files: sdvae-f8d4.pt -> sdvae-f8d4-latents-stats.pt, ..."""
     return os.path.splitext(vae_ckpt)[0] + suffix
 
 def load_latent_stats(path, channels):
-    """Per-channel latent statistics saved next to a VAE checkpoint: the BatchNorm's starting point."""
     stats = load_file(path, "--latents-stats")
     if not {"latents_scale", "latents_bias"} <= set(stats):
         fail(f"'{path}' has no latents_scale/latents_bias; pass the VAE's -latents-stats.pt with --latents-stats")
@@ -816,18 +843,16 @@ def encoder_types(args):
     return [] if args.freeze_vae and args.proj_coeff == 0 else args.enc_type.split(",")
 
 def load_encoders(args):
-    names = encoder_types(args)
-    encoders = []
+    names, encoders = encoder_types(args), []
     for enc_type, ckpt in zip(names, args.enc_ckpt.split(",") if args.enc_ckpt else [None] * len(names)):
         if ckpt:
             need_file(ckpt, "--enc-ckpt")
-        name = dinov2_timm_name(enc_type)
         try:
             encoders.append(load_encoder(enc_type, args.resolution, ckpt, not args.random_weights,
                                          **(SMOKE["encoder"] if args.smoke else {})))
         except Exception as e:                              # a file of another model, or the hub's own failure
+            name, smoke = dinov2_timm_name(enc_type), " (--smoke builds tiny encoders: drop it)" * args.smoke
             if ckpt:
-                smoke = " (--smoke builds tiny encoders: drop it to load real weights)" * args.smoke
                 fail(f"could not load '{ckpt}' as {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                      f"--enc-ckpt names one model.safetensors per --enc-type, in the same order{smoke}")
             if not isinstance(e, OSError):
@@ -856,10 +881,7 @@ def hparams(args, device):
 
 def build(args, device):
     """Every model and optimiser of a run, and the grad scaler, on `device`."""
-    vae = load_vae(args)
-    stats = args.latents_stats or (args.vae_ckpt and beside(args.vae_ckpt, "-latents-stats.pt"))
-    c = vae.z_channels
-    scale, bias = load_latent_stats(stats, c) if stats else (torch.ones(c), torch.zeros(c))
+    vae, (scale, bias) = load_vae(args)
     encoders = [e.to(device) for e in load_encoders(args)]
     sit = build_sit(args, [e.embed_dim for e in encoders], vae)
     tokens = (args.resolution // vae.factor // sit.patch_size) ** 2
@@ -882,17 +904,17 @@ def build(args, device):
         vae.eval().requires_grad_(False)
         return m
     m.lpips = lpips_from_flags(args).to(device)
-    m.disc = m.disc_ddp = NLayerDiscriminator()
+    m.disc = m.disc_ddp = NLayerDiscriminator().to(device)
     if args.disc_pretrained_ckpt:
         load_state(m.disc, load_file(args.disc_pretrained_ckpt, "--disc-pretrained-ckpt"),
                    f"--disc-pretrained-ckpt '{args.disc_pretrained_ckpt}'", "--disc-pretrained-ckpt")
     m.opt_vae = adamw(vae.parameters(), lr=args.vae_learning_rate)
-    m.opt_disc = adamw(m.disc.to(device).parameters(), lr=args.disc_learning_rate)
+    m.opt_disc = adamw(m.disc.parameters(), lr=args.disc_learning_rate)
     return m
 
 def compile_blocks(m):
-    """--compile, regionally: one compiled code object per repeated block type, so compile time is that of a few
-    blocks; LPIPS and the discriminator are small and compiled whole. In place: the state_dict keys stay official."""
+    """--compile, regionally: one compiled code object per repeated block type (compile time of a few blocks), in
+    place (the state_dict keys stay official); LPIPS and the discriminator are small and compiled whole."""
     torch._dynamo.config.cache_size_limit = 64              # one static graph per block shape and grad mode
     blocks = [b for b in m.vae.modules() if isinstance(b, (ResnetBlock, AttnBlock))]
     blocks += [*m.sit.blocks, *(b for e in m.encoders for b in e.blocks), *([m.lpips, m.disc] if m.disc else [])]
@@ -928,8 +950,7 @@ def train_step(batches, m, hp, frozen, device):
     return logs
 
 # ---- Data: ImageFolder with the ADM centre crop, smoke images ----------------------------------------------------
-# ImageNet as class sub-folders, centre-cropped the ADM way to uint8 (3, R, R). The data order is a function of
-# (seed, epoch), so a resumed run sees exactly the batches it would have seen.
+# The data order is a function of (seed, epoch), so a resumed run sees exactly the batches it would have seen.
 
 def center_crop_arr(image, size):
     """ADM: halve with BOX while the short side >= 2 * size, BICUBIC-resize the short side, centre crop."""
@@ -949,7 +970,7 @@ def load_image(path, size):
     return torch.from_numpy(center_crop_arr(image, size)).permute(2, 0, 1)   # uint8 (3, size, size)
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """Items {x, y, skipped}: an unreadable image is named in a warning and replaced by the next readable one."""
+    """Items {x, y}: an unreadable image is named in a warning and replaced by the next readable one."""
     def __init__(self, root, size):
         super().__init__(root, allow_empty=True)
         self.size = size
@@ -957,7 +978,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     def __getitem__(self, i):
         for j in (k % len(self) for k in range(i, i + len(self))):
             try:
-                return dict(x=load_image(self.samples[j][0], self.size), y=self.targets[j], skipped=j != i)
+                return dict(x=load_image(self.samples[j][0], self.size), y=self.targets[j])
             except UNREADABLE as e:
                 say("warning", f"skipped unreadable image '{self.samples[j][0]}' ({e})", own=True)
 
@@ -970,13 +991,14 @@ class SmokeImages(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        y, g, s = i % self.num_classes, torch.Generator().manual_seed(i), self.size
+        y, s = i % self.num_classes, self.size
         color = 0.5 + 0.5 * torch.cos(y / self.num_classes * 2 * math.pi - torch.tensor([0, 2.094, -2.094]))
-        cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([0.5, 0.5, 0.2]) + torch.tensor([.25, .25, .15])) * s
+        cy, cx, r = (torch.rand(3, generator=torch.Generator().manual_seed(i)) * torch.tensor([0.5, 0.5, 0.2]) +
+                     torch.tensor([.25, .25, .15])) * s
         yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
         disc = (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2).float()
         image = disc * color[:, None, None] + (1 - disc) * (yy.float() / s * 0.3)
-        return dict(x=(image * 255).round().to(torch.uint8), y=y, skipped=False)
+        return dict(x=(image * 255).round().to(torch.uint8), y=y)
 
 def build_dataset(args):
     """The training images, checked as far as that is cheap on ImageNet: the layout, the classes, the first image."""
@@ -1048,8 +1070,8 @@ def init_distributed(deterministic=False, allow_tf32=True):
                            device_ids=[local_rank] if cuda else None)
 
 def leave_process_group():
-    """At every exit, gloo's threads are joined before interpreter teardown (else SIGABRT); an error's frames, or a
-    crash's traceback kept in sys.last_*, would still hold the process group."""
+    """Join gloo's threads before interpreter teardown (else SIGABRT); an error's frames, or a crash's traceback
+    kept in sys.last_*, would still hold the process group."""
     sys.last_exc = sys.last_type = sys.last_value = sys.last_traceback = None
     gc.collect()
     dist.destroy_process_group()
@@ -1059,7 +1081,7 @@ def prepare_run(args):
     earlier run is never overwritten. Returns (run_dir, checkpoint path or None)."""
     for flag in ("vae_ckpt", "latents_stats", "disc_pretrained_ckpt", "vgg_ckpt", "lpips_ckpt", "enc_ckpt"):
         for path in (getattr(args, flag) or "").split(","):
-            if path:
+            if path and not (flag == "vae_ckpt" and os.path.isdir(path)):     # a diffusers folder: read_vae
                 need_file(path, f"--{flag.replace('_', '-')}")
     run_dir = os.path.join(args.output_dir, args.exp_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -1069,7 +1091,7 @@ def prepare_run(args):
              f"with --resume auto, or start another with a new --exp-name")
     resume = (os.path.join(ckpt_dir, found[-1]) if found else None) if args.resume == "auto" else args.resume
     if resume and not os.path.isfile(resume):
-        fail(f"checkpoint '{resume}' does not exist; name an existing one with --resume or --resume-step")
+        fail(f"checkpoint '{resume}' does not exist; name an existing one with --resume")
     if found and os.path.abspath(resume) != os.path.abspath(os.path.join(ckpt_dir, found[-1])):
         fail(f"'{run_dir}' holds a run with checkpoints up to {found[-1]}; continuing it from '{resume}' would mix two "
              f"histories: continue it with --resume auto, or start from '{resume}' with a new --exp-name")
@@ -1095,13 +1117,19 @@ def write_atomic(path, write):
         return e
 
 def fail_together(error, dist_env):
-    """Rank 0's write error (or None) stops every rank with its sentence, exit status 1 (one rank alone would leave
-    the others in a collective that ends in a traceback)."""
+    """Rank 0's error sentence (or None) stops every rank, exit status 1: one rank alone would leave the others in
+    a collective that ends in a traceback."""
     error = [error]
     if dist_env.world > 1:
         dist.broadcast_object_list(error, src=0, group=dist_env.ctrl)
     if error[0]:
         fail(error[0], code=1)
+
+def checkpoint_parts(m):
+    """The released checkpoint's keys (a frozen VAE has no discriminator and no VAE optimiser)."""
+    parts = dict(model=m.sit, ema=m.ema, vae=m.vae, opt=m.opt_sit, discriminator=m.disc, opt_vae=m.opt_vae,
+                 opt_disc=m.opt_disc)
+    return {k: v for k, v in parts.items() if v is not None}
 
 def save_checkpoint(path, m, args, step, dist_env):
     """The released keys plus what an exact resume needs (every rank's RNG, the grad scaler)."""
@@ -1110,25 +1138,16 @@ def save_checkpoint(path, m, args, step, dist_env):
     rngs = [rng] + [None] * (dist_env.world - 1)
     if dist_env.world > 1:
         dist.all_gather_object(rngs, rng, group=dist_env.ctrl)
-    error = None
-    if dist_env.is_main:
-        ckpt = dict(model=m.sit.state_dict(), ema=m.ema.state_dict(), vae=m.vae.state_dict(),
-                    opt=m.opt_sit.state_dict(), args=args, steps=step, rng=rngs, scaler=m.scaler.state_dict())
-        if m.disc is not None:
-            ckpt.update(discriminator=m.disc.state_dict(), opt_vae=m.opt_vae.state_dict(),
-                        opt_disc=m.opt_disc.state_dict())
-        if e := write_atomic(path, lambda f: torch.save(ckpt, f)):
-            error = f"could not write checkpoint '{path}' ({e}); the earlier checkpoints are intact: free some " \
-                    f"space, then continue with --resume auto"
-    fail_together(error, dist_env)
+    ckpt = {k: v.state_dict() for k, v in checkpoint_parts(m).items()}
+    ckpt.update(args=args, steps=step, rng=rngs, scaler=m.scaler.state_dict())
+    e = dist_env.is_main and write_atomic(path, lambda f: torch.save(ckpt, f))
+    fail_together(e and f"could not write checkpoint '{path}' ({e}); the earlier checkpoints are intact: free some "
+                         f"space, then continue with --resume auto", dist_env)
 
 def load_checkpoint(path, m, args, dist_env):
     """This project's or a released REPA-E checkpoint. Returns (step, exact): exact when every rank's RNG state is
     restored (same world size), so that the resumed run is bitwise the uninterrupted one."""
-    ckpt = load_file(path, "--resume")
-    parts = dict(model=m.sit, ema=m.ema, vae=m.vae, discriminator=m.disc, opt=m.opt_sit, opt_vae=m.opt_vae,
-                 opt_disc=m.opt_disc)
-    parts = {k: v for k, v in parts.items() if v is not None}
+    ckpt, parts = load_file(path, "--resume"), checkpoint_parts(m)
     missing = [k for k in [*parts, "steps"] if k not in ckpt]
     if missing:
         fail(f"'{path}' lacks {missing}; it is not a training checkpoint of this configuration")
@@ -1139,14 +1158,14 @@ def load_checkpoint(path, m, args, dist_env):
             part.load_state_dict(ckpt[key])
     if "scaler" in ckpt:                                    # released checkpoints have no scaler and no RNG states
         m.scaler.load_state_dict(ckpt["scaler"])
-    rngs = ckpt.get("rng")
-    if rngs and len(rngs) == dist_env.world:                # exact: every rank continues its own stream
-        torch.set_rng_state(rngs[dist_env.rank]["cpu"])
-        if rngs[dist_env.rank]["cuda"] is not None and dist_env.device.type == "cuda":
-            torch.cuda.set_rng_state(rngs[dist_env.rank]["cuda"], dist_env.device)
-        return ckpt["steps"], True
-    torch.manual_seed(args.seed + dist_env.rank + ckpt["steps"])   # another world size: continue, not bitwise
-    return ckpt["steps"], False
+    rng = ckpt.get("rng") and len(ckpt["rng"]) == dist_env.world and ckpt["rng"][dist_env.rank]
+    if not rng:                                             # another world size: continue, not bitwise
+        torch.manual_seed(args.seed + dist_env.rank + ckpt["steps"])
+        return ckpt["steps"], False
+    torch.set_rng_state(rng["cpu"])                         # exact: every rank continues its own stream
+    if rng["cuda"] is not None and dist_env.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], dist_env.device)
+    return ckpt["steps"], True
 
 def setup(args, dist_env, resume=None):
     """Models from one seed on every rank (random encoders included), then a seed per rank for its own draws."""
@@ -1179,7 +1198,7 @@ def write_previews(m, x, step, sample_dir, noise, labels):
 class RunLog:
     """log.txt and metrics.jsonl (values leave the device only at log steps), the non-finite check, checkpoints."""
     def __init__(self, args, dist_env, run_dir, step):
-        self.args, self.d, self.step0, self.logged, self.saved, self.skipped = args, dist_env, step, step, step, 0
+        self.args, self.d, self.step0, self.logged, self.saved = args, dist_env, step, step, step
         self.ckpt_dir, self.metrics = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "metrics.jsonl")
         self.log_txt, error = os.path.join(run_dir, "log.txt"), None
         if dist_env.is_main:
@@ -1203,14 +1222,13 @@ class RunLog:
             with open(self.log_txt, "a") as f:
                 print(msg, file=f)
 
-    def track(self, step, logs, micro, fp16):
+    def track(self, step, logs, fp16):
         """The step's values and, on the device, the first non-finite one (fp16: the scaler skips inf gradients)."""
         self.vals, self.keys = torch.stack(list(logs.values())), list(logs)
         checked = torch.stack([v for k, v in logs.items() if not (fp16 and k.startswith("grad_norm"))])
         new_bad = (self.bad_step < 0) & ~checked.isfinite().all()
         self.bad_step = torch.where(new_bad, step, self.bad_step)
         self.bad_vals = torch.where(new_bad, self.vals, self.vals if self.bad_vals is None else self.bad_vals)
-        self.skipped += sum(int(b["skipped"].sum()) for b in micro)
 
     def check_finite(self):                                 # collective: every rank stops together
         first = self.bad_step.clone()
@@ -1225,17 +1243,15 @@ class RunLog:
 
     def write_metrics(self, step, m, last):
         self.check_finite()
-        vals, skipped = self.vals.clone(), torch.tensor(self.skipped)      # skipped: this rank's, summed
+        vals = self.vals.clone()
         if self.d.world > 1:
             dist.all_reduce(vals)
-            dist.all_reduce(skipped, group=self.d.ctrl)
             vals /= self.d.world
         now, images = time.time(), self.args.batch_size * self.args.gradient_accumulation_steps
         rate = (step - self.logged) / (now - self.t_log)
         rec = dict(step=step, **dict(zip(self.keys, vals.tolist())), bn_mean=m.ema.bn.running_mean.mean().item(),
-                   bn_var=m.ema.bn.running_var.mean().item(), skipped_images=skipped.item(), img_per_s=rate * images,
-                   steps_per_s=rate, peak_mem_gb=peak_memory_gb(self.d.device), elapsed_s=now - self.t0,
-                   eta_s=(last - step) / rate)
+                   bn_var=m.ema.bn.running_var.mean().item(), img_per_s=rate * images, steps_per_s=rate,
+                   peak_mem_gb=peak_memory_gb(self.d.device), elapsed_s=now - self.t0, eta_s=(last - step) / rate)
         error = None
         if self.d.is_main:
             try:                                            # a full disk: a resume drops the row it cut short
@@ -1254,15 +1270,6 @@ class RunLog:
         save_checkpoint(path, m, self.args, step, self.d)
         self.saved = step
         self.log(f"saved checkpoint {path}")
-
-def micro_batches(loader, k):
-    """The loader's batches in groups of k, one optimiser update each; an incomplete last group is dropped."""
-    group = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == k:
-            yield group
-            group = []
 
 def any_rank(flag, dist_env):
     """True on every rank when it is True on one (over the control group: no device sync)."""
@@ -1300,10 +1307,10 @@ def main(args):
     while not stopped and step < last:
         loader.sampler.set_epoch(epoch)
         loader.sampler.start = start * K * loader.batch_size
-        for micro in micro_batches(loader, K):
+        for micro in zip(*[iter(loader)] * K):              # K micro-batches per update; a last partial group dropped
             logs = train_step(micro, m, hp, args.freeze_vae, device)
             step += 1
-            out.track(step, logs, micro, m.scaler.is_enabled())
+            out.track(step, logs, m.scaler.is_enabled())
             if step % args.log_every == 0:
                 out.write_metrics(step, m, last)
             if dist_env.is_main and args.sample_every and step % args.sample_every == 0:
@@ -1332,34 +1339,7 @@ def start_line(args, m, hp, dataset, dist_env):
             f"processes on {dist_env.device.type}; precision {hp.amp_dtype or torch.float32}; update batch "
             f"{args.batch_size * K} ({K} x {args.batch_size})" + " (random weights)" * args.random_weights)
 
-# ---- Other modes: E2E-VAE export, benchmark ----------------------------------------------------------------------
-# --export-vae keeps the tuned VAE for a new SiT (paper Sec. 4.3); --benchmark times the step on synthetic data.
-
-def export_vae(args):
-    """--export-vae CKPT: the tuned VAE (E2E-VAE) in the released layout: <output-dir>/e2e-<vae>-<step>.pt, its
-    -latents-stats.pt from the EMA SiT's BN buffers, and its -discriminator-ckpt.pt."""
-    ckpt = load_file(args.export_vae, "--export-vae")
-    if "vae" not in ckpt or "ema" not in ckpt:
-        fail(f"'{args.export_vae}' has no 'vae' and 'ema' entries; export needs an end-to-end (REPA-E) checkpoint")
-    run = ckpt.get("args", args)                            # the run's VAE type; ours or a released checkpoint
-    if getattr(run, "freeze_vae", False):
-        fail(f"'{args.export_vae}' comes from a frozen-VAE run, whose VAE is the unchanged {run.vae_ckpt}; export "
-             f"the checkpoint of an end-to-end run")
-    vae = build_vae(run)
-    load_state(vae, ckpt["vae"], f"the VAE in '{args.export_vae}'", "--export-vae")
-    var, mean = ckpt["ema"]["bn.running_var"], ckpt["ema"]["bn.running_mean"]
-    path = os.path.join(args.output_dir, f"e2e-{run.vae}-{ckpt.get('steps', 0):07d}.pt")
-    if os.path.exists(path):
-        fail(f"'{path}' already exists (an earlier export, maybe of another run); pass another --output-dir")
-    os.makedirs(args.output_dir, exist_ok=True)
-    stats = dict(latents_scale=var.rsqrt().view(1, -1, 1, 1), latents_bias=mean.view(1, -1, 1, 1))
-    files = [(beside(path, "-latents-stats.pt"), stats), (path, vae.state_dict())]   # the VAE last: a whole export
-    if "discriminator" in ckpt:
-        files.insert(0, (beside(path, "-discriminator-ckpt.pt"), ckpt["discriminator"]))
-    for file, obj in files:
-        if e := write_atomic(file, lambda f: torch.save(obj, f)):
-            fail(f"could not write '{file}' ({e}); free some space and export again", code=1)
-    print(f"wrote {path} and its -latents-stats.pt; train a new SiT on it with --freeze-vae --vae-ckpt {path}")
+# ---- Benchmark: --benchmark times the step on synthetic data -----------------------------------------------------
 
 def count_flops(fn, *args):
     """The matmul and convolution FLOPs of fn(*args), with the math attention kernel, which it counts anywhere."""
@@ -1375,7 +1355,7 @@ def benchmark(args):
     """--benchmark N: random weights, synthetic batches; one uncompiled step's FLOPs give the MFU, then warm-up and
     N whole steps timed between device syncs, and the graphs compiled during them (recompiles)."""
     dist_env = init_distributed(args.deterministic, args.allow_tf32)
-    device, local_bs, n = dist_env.device, args.batch_size // dist_env.world, args.benchmark
+    device, local_bs, cuda = dist_env.device, args.batch_size // dist_env.world, dist_env.device.type == "cuda"
     m, hp = setup(args, dist_env)[0], hparams(args, device)
     step = functools.partial(frozen_vae_step if args.freeze_vae else repae_step, m=m, hp=hp)
     x = torch.randint(0, 256, (local_bs, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
@@ -1383,43 +1363,41 @@ def benchmark(args):
     flops, t_warmup = count_flops(step, x, y), time.perf_counter()
     if args.compile:
         compile_blocks(m)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     graphs, warmup, times = torch._dynamo.utils.counters["stats"], 3 if args.compile else 2, []
-    for i in range(warmup + n):
+    for i in range(warmup + args.benchmark):
         if i == warmup:
             t_warmup, compiled = time.perf_counter() - t_warmup, graphs["unique_graphs"]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-        sync()
+            torch.cuda.reset_peak_memory_stats(device) if cuda else None
+        torch.cuda.synchronize() if cuda else None
         t0 = time.perf_counter()
         step(x, y)
-        sync()
+        torch.cuda.synchronize() if cuda else None
         times.append(time.perf_counter() - t0)
     ms = torch.tensor(times[warmup:]) * 1000
     step_s = ms.median().item() / 1000
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)),
-                                    None) if device.type == "cuda" else args.peak_tflops
-    mfu = f"{100 * flops / step_s / (peak * 1e12):.1f}% of {peak} TFLOP/s dense bf16" if peak else \
-        "n/a (no known peak for this device; pass --peak-tflops)"
+    name = torch.cuda.get_device_name(device) if cuda else ""
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    rows = dict(benchmark=f"{'smoke-size ' * args.smoke}{args.model} + {args.vae}, {args.resolution}px, global batch "
+                          f"{args.batch_size}, {dist_env.world} process(es) on {device.type}, precision "
+                          f"{hp.amp_dtype or torch.float32}, compile {'on' if args.compile else 'off'}, "
+                          f"{args.benchmark} timed steps",
+                step_time_ms=f"median {ms.median():.1f} min {ms.min():.1f} max {ms.max():.1f}",
+                images_per_s=f"{args.batch_size / step_s:.2f}",
+                peak_memory_gb=f"{peak_memory_gb(device):.2f} ({'CUDA max allocated' if cuda else 'peak RSS'})",
+                flops_per_step=f"{flops / 1e12:.4f} TFLOP per process; achieved {flops / step_s / 1e12:.2f} TFLOP/s",
+                mfu=f"{100 * flops / step_s / (peak * 1e12):.1f}% of {peak} TFLOP/s dense bf16" if peak else
+                "n/a (no known peak for this device; pass --peak-tflops)",
+                warmup_s=f"{t_warmup:.1f} ({warmup} steps{', compile included' * args.compile}); graphs compiled: "
+                         f"{compiled}, of which during the timed steps (recompiles): "
+                         f"{graphs['unique_graphs'] - compiled}")
     if dist_env.is_main:
-        print(f"benchmark: {'smoke-size ' * args.smoke}{args.model} + {args.vae}, {args.resolution}px, global batch "
-              f"{args.batch_size}, {dist_env.world} process(es) on {device.type}, precision "
-              f"{hp.amp_dtype or torch.float32}, compile {'on' if args.compile else 'off'}, {n} timed steps\n"
-              f"step_time_ms: median {ms.median():.1f} min {ms.min():.1f} max {ms.max():.1f}\n"
-              f"images_per_s: {args.batch_size / step_s:.2f}\n"
-              f"peak_memory_gb: {peak_memory_gb(device):.2f} "
-              f"({'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'})\n"
-              f"flops_per_step: {flops / 1e12:.4f} TFLOP per process; achieved {flops / step_s / 1e12:.2f} TFLOP/s\n"
-              f"mfu: {mfu}\nwarmup_s: {t_warmup:.1f} ({warmup} steps{', compile included' * args.compile}); graphs "
-              f"compiled: {compiled}, of which during the timed steps (recompiles): "
-              f"{graphs['unique_graphs'] - compiled}")
-
+        print("\n".join(f"{k}: {v}" for k, v in rows.items()))
 
 #################################################################################
 #                                Command line                                    #
 #################################################################################
-# Flag names follow the released train_repae.py and train_ldm_only.py, so their commands
-# carry over. Defaults are the paper's headline run: SiT-XL/2 on SD-VAE (f8d4), DINOv2-B, depth 8, 0.5 / 1.5.
+# Flag names follow the released train_repae.py and train_ldm_only.py. Defaults are the paper's headline run:
+# SiT-XL/2 on SD-VAE (f8d4), DINOv2-B, depth 8, 0.5 / 1.5.
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (see fail), not the whole usage text; exact flag names only; every
@@ -1443,14 +1421,14 @@ def method_flags(p):
     a = p.add_argument_group("data").add_argument
     a("--data-dir", help="ImageFolder tree, one sub-folder per class; default: data (--smoke: procedural images)")
     a("--max-images", type=at_least(1), help="train on a spread-out subset of this many images")
-    a("--vae-latents-name", help="accepted: a frozen VAE (implied) encodes each batch; no latent cache is read")
     a("--resolution", type=at_least(32), default=256, help="image side in pixels")
     a("--num-classes", type=at_least(1), default=1000, help="class labels (--smoke: those of --data-dir, or 10)")
     a = p.add_argument_group("models and their weights").add_argument
     a("--model", default="SiT-XL/2", choices=list(SiT_models), help="the SiT")
     a("--vae", "--vae-arch", default="f8d4", choices=list(vae_models), help="the VAE: SD-VAE or IN/VA-VAE layout")
-    a("--vae-ckpt", "--vae-ckpt-path", help="VAE weights; f8d4 default: pretrained/sdvae/sdvae-f8d4.pt")
-    a("--latents-stats", help="latent statistics; default: <vae-ckpt stem>-latents-stats.pt")
+    a("--vae-ckpt", "--vae-ckpt-path", help="VAE weights: a released .pt, or a diffusers AutoencoderKL folder; f8d4 "
+                                            "default: pretrained/sdvae/sdvae-f8d4.pt")
+    a("--latents-stats", help="latent statistics; default: <vae-ckpt stem>-latents-stats.pt, or the folder's config")
     a("--disc-pretrained-ckpt", "--disc-ckpt", help="discriminator weights; default: <vae-ckpt stem>-discriminator-"
                                                     "ckpt.pt where it exists, else a random start")
     a("--vgg-ckpt", help="torchvision vgg16-397923af.pth for LPIPS; default: downloaded once")
@@ -1460,7 +1438,6 @@ def method_flags(p):
     a("--random-weights", action="store_true", help="random weights for every pretrained piece whose file is not "
                                                     "given (no download)")
     a("--qk-norm", action=on_off, default=False, help="LayerNorm on queries and keys (timm's qk_norm)")
-    a("--fused-attn", action=on_off, default=True, help="attention by scaled_dot_product_attention (always on)")
     a("--bn-momentum", type=float, default=0.1, help="momentum of the latent BatchNorm's running statistics")
     a = p.add_argument_group("losses").add_argument
     a("--encoder-depth", type=at_least(1), default=8, help="SiT block whose tokens are aligned (8 for L/XL)")
@@ -1468,11 +1445,9 @@ def method_flags(p):
     a("--vae-align-proj-coeff", type=float, default=1.5, help="weight of L_REPA in the VAE loss")
     a("--cfg-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
     a("--path-type", default="linear", choices=["linear", "cosine"], help="the interpolant")
-    a("--prediction", default="v", choices=["v"], help="velocity prediction, the released code's only choice")
     a("--weighting", default="uniform", choices=["uniform", "lognormal"], help="distribution of t")
     a("--freeze-vae", action="store_true", help="keep the VAE frozen: REPA (and vanilla SiT with --proj-coeff 0)")
     a("--stop-grad", action=on_off, default=True, help="--no-stop-grad: L_DIFF reaches the VAE (the naive ablation)")
-    a("--loss-cfg-path", help="accepted and not read: L_REG is the released configs/l1_lpips_kl_gan.yaml, built in")
 
 def parse_args(argv=None, check=True):
     """The flags of a run; check=False: as given, with neither refusals nor derived defaults (sample.py's)."""
@@ -1496,16 +1471,12 @@ def parse_args(argv=None, check=True):
     a("--epochs", type=at_least(1), default=1400, help="stop after this many passes over the data, if earlier")
     a("--seed", type=int, default=0, help="models, data order and each rank's draws")
     a = p.add_argument_group("run folder").add_argument
-    a("--output-dir", help="parent of the run folder; default: exps")
+    a("--output-dir", default="exps", help="parent of the run folder")
     a("--exp-name", help="run folder name; default derived from the configuration")
     a("--resume", help="'auto' (latest checkpoint of this run) or a checkpoint path")
-    a("--resume-step", type=at_least(1), help="resume from checkpoints/<step>.pt of --continue-train-exp-dir")
-    a("--continue-train-exp-dir", help="the run folder --resume-step reads; default: this run's")
     a("--checkpointing-steps", type=at_least(1), default=50_000, help="a checkpoint every this many steps")
     a("--log-every", type=at_least(1), default=100, help="a metrics row every this many steps")
     a("--sample-every", "--sampling-steps", type=at_least(0), default=10_000, help="preview grids; 0: none")
-    for flag in ("--report-to", "--logging-dir", "--wandb-history-path"):
-        a(flag, help="accepted: metrics go to the run folder's metrics.jsonl and log.txt")
     a = p.add_argument_group("speed and distributed").add_argument
     a("--mixed-precision", default="bf16", choices=list(AMP_DTYPES), help="autocast dtype on CUDA (CPU: fp32)")
     a("--allow-tf32", action=on_off, default=True, help="TF32 matmuls and convolutions on CUDA")
@@ -1515,7 +1486,6 @@ def parse_args(argv=None, check=True):
     a("--vae-checkpointing", action="store_true", help="recompute VAE decoder activations in backward")
     a = p.add_argument_group("tools").add_argument
     a("--smoke", action="store_true", help="tiny random-weight models on procedural images (or --data-dir)")
-    a("--export-vae", metavar="CKPT", help="write the tuned VAE of a REPA-E checkpoint to --output-dir")
     a("--benchmark", type=at_least(0), default=0, metavar="N", help="time N steps on synthetic data, random weights")
     a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for the MFU of --benchmark")
     if "--smoke" in argv:                                   # its defaults; flags given still win
@@ -1528,7 +1498,6 @@ def check_args(args, p):
     """Every combination that cannot work is refused here, before a model is built or a file written; the
     defaults that depend on other flags are filled in. Returns args."""
     args.random_weights = args.random_weights or args.smoke or bool(args.benchmark)
-    args.freeze_vae = args.freeze_vae or bool(args.vae_latents_name)   # the released train_ldm_only.py's flag
     if args.vae_ckpt is None and not args.random_weights:
         if args.vae != "f8d4":
             p.error(f"--vae {args.vae} needs its weights: pass --vae-ckpt (e.g. pretrained/vavae/vavae-f16d32.pt)")
@@ -1539,23 +1508,16 @@ def check_args(args, p):
                                                  "frozen; use one of them"),
         (args.proj_coeff == 0 and not args.freeze_vae, "--proj-coeff 0 leaves the projector untrained, so L_REPA "
                                                        "cannot guide the VAE; use it with --freeze-vae (vanilla SiT)"),
-        (not args.fused_attn, "--no-fused-attn selects timm's unfused attention, which computes the same values; this "
-                              "implementation always uses scaled_dot_product_attention, drop the flag"),
         (args.batch_size % world, f"--batch-size {args.batch_size} is global and not divisible by the {world} "
                                   f"processes"),
         (args.resolution % 32, f"--resolution {args.resolution} must be a multiple of 32 (VAE x SiT patch x DINOv2 "
                                f"grid)"),
         (args.enc_ckpt and len(args.enc_ckpt.split(",")) != n_enc, f"--enc-ckpt must name one file per --enc-type "
                                                                    f"encoder ({n_enc})"),
-        (args.resume and args.resume_step, "--resume and --resume-step both name the checkpoint to continue from; "
-                                           "give one"),
-        (args.continue_train_exp_dir and not args.resume_step, "--continue-train-exp-dir names the run to continue; "
-                                                               "say which checkpoint with --resume-step"),
         (args.freeze_vae and (args.disc_pretrained_ckpt or args.vgg_ckpt or args.lpips_ckpt),
          "--disc-pretrained-ckpt, --vgg-ckpt and --lpips-ckpt are weights of L_REG, which a frozen VAE (--freeze-vae) "
          "never computes; drop them"),
-        (sum(map(bool, (args.export_vae, args.benchmark, args.resume or args.resume_step))) > 1,
-         "--export-vae, --benchmark and training (--resume, --resume-step) are separate runs; give one")]
+        (args.benchmark and args.resume, "--benchmark times random weights; drop --resume")]
     for refused, why in refusals:
         if refused:
             p.error(why)
@@ -1564,13 +1526,6 @@ def check_args(args, p):
             dinov2_timm_name(e)
         except ValueError as error:
             p.error(f"--enc-type {error}")
-    ignored = [f for f in ("loss_cfg_path", "report_to", "logging_dir", "wandb_history_path", "vae_latents_name")
-               if getattr(args, f)]
-    if ignored:
-        say("note", f"{', '.join('--' + f.replace('_', '-') for f in ignored)} accepted and not read: L_REG is the "
-                    f"released configs/l1_lpips_kl_gan.yaml, built in, metrics go to the run folder's metrics.jsonl "
-                    f"and log.txt, and a frozen VAE encodes each batch (no latent cache); the run continues")
-    args.output_dir = args.output_dir or "exps"
     if args.data_dir is None and not args.smoke:
         args.data_dir = "data"                              # the released scripts' default
     if args.num_classes is None:                            # --smoke: the classes of --data-dir, else 10
@@ -1583,12 +1538,8 @@ def check_args(args, p):
         mode = "vanilla" if args.freeze_vae and args.proj_coeff == 0 else "repa" if args.freeze_vae else \
             "repae" if args.stop_grad else "repae-nostopgrad"
         args.exp_name = f"{args.model.replace('/', '-')}-{args.vae}-{mode}-{args.resolution}"
-    if args.resume_step:
-        run = args.continue_train_exp_dir or os.path.join(args.output_dir, args.exp_name)
-        args.resume = os.path.join(run, "checkpoints", f"{args.resume_step:07d}.pt")
     return args
 
 if __name__ == "__main__":
     args = parse_args()
-    tool = export_vae if args.export_vae else benchmark if args.benchmark else main
-    tool(args)
+    (benchmark if args.benchmark else main)(args)
