@@ -798,21 +798,21 @@ def load_vae(args):
     """build_vae with the --vae-ckpt weights, and its latent statistics (scale, bias): --latents-stats, else the
     -latents-stats.pt beside a released .pt or a diffusers folder's config; without --vae-ckpt random, and 1, 0."""
     vae, cfg = build_vae(args), None
-    c, stats = vae.z_channels, (torch.ones(vae.z_channels), torch.zeros(vae.z_channels))
+    c = vae.z_channels
     if args.vae_ckpt:
         state, cfg = read_vae(args.vae_ckpt, vae, "--vae-ckpt")
         load_state(vae, state, f"--vae-ckpt '{args.vae_ckpt}'",
                    "--vae-ckpt/--vae" + ", --smoke (it builds a tiny VAE)" * args.smoke)
     if args.latents_stats or (args.vae_ckpt and cfg is None):
         return vae, load_latent_stats(args.latents_stats or beside(args.vae_ckpt, "-latents-stats.pt"), c)
-    if cfg and cfg.get("latents_mean") and cfg.get("latents_std"):
+    if cfg is None:                                         # no --vae-ckpt: a random VAE
+        return vae, (torch.ones(c), torch.zeros(c))
+    if cfg.get("latents_mean") and cfg.get("latents_std"):
         return vae, (1 / torch.tensor(cfg["latents_std"]), torch.tensor(cfg["latents_mean"]))
-    if cfg:                                                 # diffusers' own default scale is SD-VAE's
-        say("note", f"--vae-ckpt '{args.vae_ckpt}' has no latents_mean/latents_std: the BatchNorm starts from its "
-                    f"scaling_factor, which end-to-end training refines and a frozen VAE keeps (or pass "
-                    f"--latents-stats)")
-        stats = torch.full((c,), cfg.get("scaling_factor", 0.18215)), torch.full((c,), cfg.get("shift_factor") or 0.)
-    return vae, stats
+    say("note", f"--vae-ckpt '{args.vae_ckpt}' has no latents_mean/latents_std: the BatchNorm starts from its "
+                f"scaling_factor, which end-to-end training refines and a frozen VAE keeps (or pass --latents-stats)")
+    scale = cfg.get("scaling_factor", 0.18215)              # diffusers' own default, SD-VAE's
+    return vae, (torch.full((c,), scale), torch.full((c,), cfg.get("shift_factor") or 0.0))
 
 def beside(vae_ckpt, suffix):
     """The released names of a VAE's companion files: sdvae-f8d4.pt -> sdvae-f8d4-latents-stats.pt, ..."""
@@ -970,8 +970,11 @@ def load_image(path, size):
     return torch.from_numpy(center_crop_arr(image, size)).permute(2, 0, 1)   # uint8 (3, size, size)
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """Items {x, y}: an unreadable image is named in a warning and replaced by the next readable one."""
+    """--data-dir's images; items {x, y}: an unreadable image is named in a warning and replaced by the next one."""
     def __init__(self, root, size):
+        if not os.path.isdir(root) or not any(e.is_dir() for e in os.scandir(root)):
+            fail(f"--data-dir '{root}' is not a folder with one sub-folder of images per class (an ImageFolder tree; "
+                 f"the released preprocessing.py's images.h5 is not read here)")
         super().__init__(root, allow_empty=True)
         self.size = size
 
@@ -991,10 +994,9 @@ class SmokeImages(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        y, s = i % self.num_classes, self.size
+        y, g, s = i % self.num_classes, torch.Generator().manual_seed(i), self.size
         color = 0.5 + 0.5 * torch.cos(y / self.num_classes * 2 * math.pi - torch.tensor([0, 2.094, -2.094]))
-        cy, cx, r = (torch.rand(3, generator=torch.Generator().manual_seed(i)) * torch.tensor([0.5, 0.5, 0.2]) +
-                     torch.tensor([.25, .25, .15])) * s
+        cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([0.5, 0.5, 0.2]) + torch.tensor([.25, .25, .15])) * s
         yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
         disc = (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2).float()
         image = disc * color[:, None, None] + (1 - disc) * (yy.float() / s * 0.3)
@@ -1005,9 +1007,6 @@ def build_dataset(args):
     if args.smoke and not args.data_dir:
         return SmokeImages(args.max_images or 256, args.resolution, args.num_classes)
     root = args.data_dir
-    if not os.path.isdir(root) or not any(e.is_dir() for e in os.scandir(root)):
-        fail(f"--data-dir '{root}' is not a folder with one sub-folder of images per class (an ImageFolder tree; "
-             f"the released preprocessing.py's images.h5 is not read here)")
     ds = ImageFolder(root, args.resolution)
     if len(ds) == 0 or len(ds.classes) > args.num_classes:
         fail(f"--data-dir '{root}' holds {len(ds)} images (.jpg, .png, ...) in {len(ds.classes)} class sub-folders "
@@ -1138,9 +1137,11 @@ def save_checkpoint(path, m, args, step, dist_env):
     rngs = [rng] + [None] * (dist_env.world - 1)
     if dist_env.world > 1:
         dist.all_gather_object(rngs, rng, group=dist_env.ctrl)
-    ckpt = {k: v.state_dict() for k, v in checkpoint_parts(m).items()}
-    ckpt.update(args=args, steps=step, rng=rngs, scaler=m.scaler.state_dict())
-    e = dist_env.is_main and write_atomic(path, lambda f: torch.save(ckpt, f))
+    e = None
+    if dist_env.is_main:                                    # the other ranks hold the same weights
+        ckpt = {k: v.state_dict() for k, v in checkpoint_parts(m).items()}
+        ckpt.update(args=args, steps=step, rng=rngs, scaler=m.scaler.state_dict())
+        e = write_atomic(path, lambda f: torch.save(ckpt, f))
     fail_together(e and f"could not write checkpoint '{path}' ({e}); the earlier checkpoints are intact: free some "
                          f"space, then continue with --resume auto", dist_env)
 
@@ -1363,15 +1364,17 @@ def benchmark(args):
     flops, t_warmup = count_flops(step, x, y), time.perf_counter()
     if args.compile:
         compile_blocks(m)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     graphs, warmup, times = torch._dynamo.utils.counters["stats"], 3 if args.compile else 2, []
     for i in range(warmup + args.benchmark):
         if i == warmup:
             t_warmup, compiled = time.perf_counter() - t_warmup, graphs["unique_graphs"]
-            torch.cuda.reset_peak_memory_stats(device) if cuda else None
-        torch.cuda.synchronize() if cuda else None
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+        sync()
         t0 = time.perf_counter()
         step(x, y)
-        torch.cuda.synchronize() if cuda else None
+        sync()
         times.append(time.perf_counter() - t0)
     ms = torch.tensor(times[warmup:]) * 1000
     step_s = ms.median().item() / 1000

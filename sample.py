@@ -388,8 +388,6 @@ def reconstruct(args):
         fail(f"--resolution {args.resolution} is not a multiple of {vae.factor}, the {args.vae} VAE's downsampling, "
              f"so its reconstructions would have another size; pass a multiple of {vae.factor}")
     root = args.data_dir
-    if not os.path.isdir(root) or not any(e.is_dir() for e in os.scandir(root)):
-        fail(f"--data-dir '{root}' is not a folder with one sub-folder of images per class (an ImageFolder tree)")
     images = repae.ImageFolder(root, args.resolution)
     if len(images) < n:
         fail(f"--data-dir '{root}' holds {len(images)} images, fewer than --num-fid-samples {n}; pass "
