@@ -628,8 +628,7 @@ class Models:
         self.disc_ddp = self.disc_ddp or self.disc
 
 # ---- Sampling: the flow ODE from t = 1 (noise) to t = 0 (data) -----------------------------------
-# Integrating dx/dt = v backwards in t turns noise into a latent. The training previews use it;
-# sample.py adds the SDE and the .npz.
+# Integrating dx/dt = v backwards in t turns noise into a latent; sample.py adds the SDE and the .npz.
 
 def guided(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
            fn=lambda v, x, t: v, t_cfg=None):
@@ -671,9 +670,8 @@ def decode_latent(vae, z_n, scale, bias):
 #################################################################################
 #                           PART 2: RUNNING IT                                  #
 #################################################################################
-# Flags become models, ImageNet becomes batches, torchrun becomes processes (DDP), and main runs the loop. Part 1's
-# exceptions become one sentence here, with an exit status: 0 done (or stopped by a signal after a checkpoint), 1 a
-# run that went wrong, 2 bad input.
+# Flags become models, ImageNet batches, torchrun processes (DDP); main runs the loop. Errors are one sentence, with
+# an exit status: 0 done (or stopped by a signal after a checkpoint), 1 a run that went wrong, 2 bad input.
 import argparse
 import atexit
 import contextlib
@@ -731,7 +729,7 @@ def load_state(module, state, what, flag):
              f"unexpected keys {unexpected[:3]}, shape mismatches {shapes[:3]}); check {flag} and the model flags")
     module.load_state_dict(state)
 
-# ---- Building the models from flags ------------------------------------------------------------------------------
+# ---- Building the models from flags --------------------------------------------------------------
 # Pretrained pieces come from local files or their hubs; --random-weights (implied by --smoke and --benchmark)
 # leaves every piece whose file is not given random: no network call at all.
 
@@ -891,9 +889,8 @@ def build(args, device):
                  f"size that matches the VAE ({args.vae}: SiT-*/2 for f8d4, SiT-*/1 for f16d32)")
     sit.init_bn(scale, bias)
     ema = copy.deepcopy(sit.to(device)).requires_grad_(False).eval()
-    # The released train_repae.py's requires_grad(model, True) before every SiT update also trains the sin-cos
-    # pos_embed. Switched on before DDP wraps the SiT, so that DDP averages its gradient (the released multi-GPU
-    # runs trained one pos_embed per GPU). train_ldm_only.py never unfreezes it.
+    # The released requires_grad(model, True) before each SiT update trains the sin-cos pos_embed too; on before DDP
+    # wraps the SiT, so that DDP averages its gradient (released: one per GPU). train_ldm_only.py never unfreezes it.
     sit.pos_embed.requires_grad_(not args.freeze_vae)
     adamw = functools.partial(torch.optim.AdamW, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                               weight_decay=args.adam_weight_decay, fused=device.type == "cuda")
@@ -949,7 +946,7 @@ def train_step(batches, m, hp, frozen, device):
             dist.broadcast(buffer, 0)
     return logs
 
-# ---- Data: ImageFolder with the ADM centre crop, smoke images ----------------------------------------------------
+# ---- Data: ImageFolder with the ADM centre crop, smoke images ------------------------------------
 # The data order is a function of (seed, epoch), so a resumed run sees exactly the batches it would have seen.
 
 def center_crop_arr(image, size):
@@ -1039,7 +1036,7 @@ def data_loader(ds, args, dist_env):
         pin_memory=dist_env.device.type == "cuda", persistent_workers=args.num_workers > 0,
         generator=torch.Generator())                        # its own seed draws: the global RNG stays exact
 
-# ---- Distributed setup, run folder, checkpoints (atomic, exact resume) -------------------------------------------
+# ---- Distributed setup, run folder, checkpoints (atomic, exact resume) ---------------------------
 # torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; `python repae.py` is a world of one. A small gloo
 # group carries control messages (stop flags, RNG states, errors) without device syncs.
 
@@ -1176,8 +1173,8 @@ def setup(args, dist_env, resume=None):
     step, exact = load_checkpoint(resume, m, args, dist_env) if resume else (0, True)
     return wrap_distributed(m, dist_env), step, exact
 
-# ---- Training loop -----------------------------------------------------------------------------------------------
-# DiT-style: one process per GPU, a run folder with args.json, log.txt, metrics.jsonl, checkpoints/ and samples/.
+# ---- Training loop -------------------------------------------------------------------------------
+# DiT-style: one process per GPU, a run folder with args.json, log.txt, metrics.jsonl and checkpoints/.
 
 def peak_memory_gb(device):
     if device.type == "cuda":
@@ -1185,36 +1182,24 @@ def peak_memory_gb(device):
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20      # Linux reports KiB
 
-@torch.no_grad()
-def write_previews(m, x, step, sample_dir, noise, labels):
-    """PNG grids of EMA samples (the reference's preview sampler: Euler, 50 steps, CFG 4) and of reconstructions."""
-    x_vae = x[:8].float() / 127.5 - 1
-    samples = decode_latent(m.vae, euler_sampler(m.ema, noise, labels, cfg_scale=4.0), *m.ema.latent_stats())
-    recon = torch.cat([x_vae, m.vae.decode(m.vae.encode(x_vae).mode())])
-    for name, images, nrow in (("samples", samples, int(math.sqrt(len(noise)))), ("recon", recon, len(x_vae))):
-        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-        grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2)
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f"{sample_dir}/{step:07d}-{name}.png")
-
 class RunLog:
-    """log.txt and metrics.jsonl (values leave the device only at log steps), the non-finite check, checkpoints."""
+    """log.txt, metrics.jsonl, the non-finite stop and the checkpoints. A step's values leave the device at log and
+    checkpoint steps only, averaged over the ranks."""
     def __init__(self, args, dist_env, run_dir, step):
-        self.args, self.d, self.step0, self.logged, self.saved = args, dist_env, step, step, step
-        self.ckpt_dir, self.metrics = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "metrics.jsonl")
-        self.log_txt, error = os.path.join(run_dir, "log.txt"), None
+        self.args, self.d, self.step0, self.logged = args, dist_env, step, step
+        self.ckpt_dir, self.metrics = f"{run_dir}/checkpoints", f"{run_dir}/metrics.jsonl"
+        self.log_txt, error = f"{run_dir}/log.txt", None
         if dist_env.is_main:
             os.makedirs(self.ckpt_dir, exist_ok=True)
-            os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-            if not os.path.exists(os.path.join(run_dir, "args.json")):
-                with open(os.path.join(run_dir, "args.json"), "w") as f:
+            if not os.path.exists(f"{run_dir}/args.json"):
+                with open(f"{run_dir}/args.json", "w") as f:
                     json.dump(vars(args), f, indent=2)
-            if os.path.exists(self.metrics):                # a resume keeps one row per step; a row without its
-                with open(self.metrics) as f:               # newline was cut short by a full disk
+            if os.path.exists(self.metrics):                # a resume keeps one row per step
+                with open(self.metrics) as f:
                     rows = [r for r in f if r.endswith("\n") and json.loads(r)["step"] <= step]
                 error = write_atomic(self.metrics, lambda f: f.writelines(r.encode() for r in rows))
         fail_together(error and f"could not rewrite '{self.metrics}' ({error}); free some space, then continue "
                                 f"with --resume auto", dist_env)
-        self.bad_step, self.bad_vals = torch.full((), -1, device=dist_env.device), None
         self.t0 = self.t_log = time.time()
 
     def log(self, msg):
@@ -1223,61 +1208,45 @@ class RunLog:
             with open(self.log_txt, "a") as f:
                 print(msg, file=f)
 
-    def track(self, step, logs, fp16):
-        """The step's values and, on the device, the first non-finite one (fp16: the scaler skips inf gradients)."""
-        self.vals, self.keys = torch.stack(list(logs.values())), list(logs)
-        checked = torch.stack([v for k, v in logs.items() if not (fp16 and k.startswith("grad_norm"))])
-        new_bad = (self.bad_step < 0) & ~checked.isfinite().all()
-        self.bad_step = torch.where(new_bad, step, self.bad_step)
-        self.bad_vals = torch.where(new_bad, self.vals, self.vals if self.bad_vals is None else self.bad_vals)
-
-    def check_finite(self):                                 # collective: every rank stops together
-        first = self.bad_step.clone()
-        if self.d.world > 1:
-            dist.all_reduce(first, op=dist.ReduceOp.MAX)
-        if first.item() >= 0:
-            names = [f"{k}={v}" for k, v in zip(self.keys, self.bad_vals.tolist()) if not math.isfinite(v)]
-            kept = f"the last good checkpoint is kept in {self.ckpt_dir}, resume from it with --resume auto" \
-                if os.listdir(self.ckpt_dir) else "no checkpoint was written before it"
-            fail(f"non-finite loss or gradient at step {int(first)}: {', '.join(names) or 'on another rank'}; "
-                 f"{kept}, and lower the learning rate", code=1)
-
-    def write_metrics(self, step, m, last):
-        self.check_finite()
-        vals = self.vals.clone()
+    def values(self, step, logs, fp16):
+        """The step's values, averaged over the ranks; a non-finite one stops every rank before a checkpoint is
+        written (fp16: inf gradient norms are updates that the grad scaler skips)."""
+        vals = torch.stack(list(logs.values()))
         if self.d.world > 1:
             dist.all_reduce(vals)
             vals /= self.d.world
+        vals = dict(zip(logs, vals.tolist()))
+        bad = [f"{k}={v}" for k, v in vals.items() if not (math.isfinite(v) or fp16 and k.startswith("grad_norm"))]
+        if bad:
+            kept = f"the last good checkpoint is kept in {self.ckpt_dir}, resume from it with --resume auto" \
+                if os.listdir(self.ckpt_dir) else "no checkpoint was written before it"
+            fail(f"non-finite loss or gradient at step {step}: {', '.join(bad)}; {kept}, and lower the learning rate",
+                 code=1)
+        return vals
+
+    def write_metrics(self, step, logs, m, last):
         now, images = time.time(), self.args.batch_size * self.args.gradient_accumulation_steps
-        rate = (step - self.logged) / (now - self.t_log)
-        rec = dict(step=step, **dict(zip(self.keys, vals.tolist())), bn_mean=m.ema.bn.running_mean.mean().item(),
-                   bn_var=m.ema.bn.running_var.mean().item(), img_per_s=rate * images, steps_per_s=rate,
+        rate, bn = (step - self.logged) / (now - self.t_log), m.ema.bn
+        rec = dict(step=step, **self.values(step, logs, m.scaler.is_enabled()), bn_mean=bn.running_mean.mean().item(),
+                   bn_var=bn.running_var.mean().item(), img_per_s=rate * images, steps_per_s=rate,
                    peak_mem_gb=peak_memory_gb(self.d.device), elapsed_s=now - self.t0, eta_s=(last - step) / rate)
-        error = None
+        self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
         if self.d.is_main:
-            try:                                            # a full disk: a resume drops the row it cut short
-                self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-                with open(self.metrics, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            except OSError as e:
-                error = f"could not append to the run's log.txt and metrics.jsonl ({e}); free some space, then " \
-                        f"continue with --resume auto"
-        fail_together(error, self.d)
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         self.t_log, self.logged = now, step
 
-    def checkpoint(self, step, m):
-        self.check_finite()
+    def checkpoint(self, step, logs, m):
+        self.values(step, logs, m.scaler.is_enabled())
         path = os.path.join(self.ckpt_dir, f"{step:07d}.pt")
         save_checkpoint(path, m, self.args, step, self.d)
-        self.saved = step
         self.log(f"saved checkpoint {path}")
 
-def any_rank(flag, dist_env):
-    """True on every rank when it is True on one (over the control group: no device sync)."""
-    flag = torch.tensor([float(flag)])
+def all_max(t, dist_env, group=None):
+    """t's maximum over the ranks, in place."""
     if dist_env.world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=dist_env.ctrl)
-    return bool(flag.item())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
 
 def main(args):
     dist_env = init_distributed(args.deterministic, args.allow_tf32)
@@ -1300,47 +1269,38 @@ def main(args):
     stop = []                                               # SIGTERM/SIGINT: end the step, checkpoint, exit 0
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.append(True))
-    g, latent = torch.Generator().manual_seed(args.seed), args.resolution // m.vae.factor   # fixed previews
-    noise = torch.randn(16, m.sit.in_channels, latent, latent, generator=g).to(device)
-    labels = torch.randint(0, args.num_classes, (16,), generator=g).to(device)
     epoch, start = divmod(step, len(loader) // K)
-    stopped = False
-    while not stopped and step < last:
+    done = False
+    while not done:
         loader.sampler.set_epoch(epoch)
         loader.sampler.start = start * K * loader.batch_size
         for micro in zip(*[iter(loader)] * K):              # K micro-batches per update; a last partial group dropped
             logs = train_step(micro, m, hp, args.freeze_vae, device)
             step += 1
-            out.track(step, logs, m.scaler.is_enabled())
-            if step % args.log_every == 0:
-                out.write_metrics(step, m, last)
-            if dist_env.is_main and args.sample_every and step % args.sample_every == 0:
-                write_previews(m, micro[-1]["x"].to(device), step, f"{run_dir}/samples", noise, labels)
-            stopped = any_rank(bool(stop), dist_env)
-            if step % args.checkpointing_steps == 0 or stopped:
-                out.checkpoint(step, m)
-            if stopped or step >= last:
+            stopped = bool(all_max(torch.tensor([float(bool(stop))]), dist_env, dist_env.ctrl))   # no device sync
+            done = stopped or step >= last
+            if step % args.log_every == 0 or done:
+                out.write_metrics(step, logs, m, last)
+            if step % args.checkpointing_steps == 0 or done:
+                out.checkpoint(step, logs, m)
+            if done:
                 break
         epoch, start = epoch + 1, 0
-    if out.logged != step:
-        out.write_metrics(step, m, last)
-    if out.saved != step:
-        out.checkpoint(step, m)
     out.log(f"stopped by signal at step {step}; continue with --resume auto" if stopped else
             f"done: steps {out.step0} to {step} in {time.time() - out.t0:.1f}s")
 
 def start_line(args, m, hp, dataset, dist_env):
     count = lambda module: f"{sum(p.numel() for p in module.parameters()):,}"
-    disc = f"from {args.disc_pretrained_ckpt}" if args.disc_pretrained_ckpt else \
-        f"random: no {beside(args.vae_ckpt, '-discriminator-ckpt.pt')} beside --vae-ckpt" if args.vae_ckpt else "random"
-    K = args.gradient_accumulation_steps
+    disc = f"from {args.disc_pretrained_ckpt}" if args.disc_pretrained_ckpt else "random" if not args.vae_ckpt \
+        else f"random: no {beside(args.vae_ckpt, '-discriminator-ckpt.pt')} beside --vae-ckpt"
     return (f"SiT parameters: {count(m.sit)} ({'smoke-size ' * args.smoke}{args.model}); VAE: {count(m.vae)}; "
             f"discriminator: {'none (frozen VAE)' if m.disc is None else disc}; {len(dataset):,} "
-            f"{'procedural smoke' if isinstance(dataset, SmokeImages) else 'training'} images; {dist_env.world} "
-            f"processes on {dist_env.device.type}; precision {hp.amp_dtype or torch.float32}; update batch "
-            f"{args.batch_size * K} ({K} x {args.batch_size})" + " (random weights)" * args.random_weights)
+            f"{'procedural smoke' if isinstance(dataset, SmokeImages) else 'training'} images; "
+            f"{dist_env.world} processes on {dist_env.device.type}; precision {hp.amp_dtype or torch.float32}; "
+            f"update batch {args.batch_size * args.gradient_accumulation_steps} ({args.gradient_accumulation_steps} "
+            f"x {args.batch_size})" + " (random weights)" * args.random_weights)
 
-# ---- Benchmark: --benchmark times the step on synthetic data -----------------------------------------------------
+# ---- Benchmark: --benchmark times the step on synthetic data -------------------------------------
 
 def count_flops(fn, *args):
     """The matmul and convolution FLOPs of fn(*args), with the math attention kernel, which it counts anywhere."""
@@ -1356,11 +1316,11 @@ def benchmark(args):
     """--benchmark N: random weights, synthetic batches; one uncompiled step's FLOPs give the MFU, then warm-up and
     N whole steps timed between device syncs, and the graphs compiled during them (recompiles)."""
     dist_env = init_distributed(args.deterministic, args.allow_tf32)
-    device, local_bs, cuda = dist_env.device, args.batch_size // dist_env.world, dist_env.device.type == "cuda"
+    device, n, cuda = dist_env.device, args.batch_size // dist_env.world, dist_env.device.type == "cuda"
     m, hp = setup(args, dist_env)[0], hparams(args, device)
     step = functools.partial(frozen_vae_step if args.freeze_vae else repae_step, m=m, hp=hp)
-    x = torch.randint(0, 256, (local_bs, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
-    y = torch.randint(0, args.num_classes, (local_bs,), device=device)
+    x = torch.randint(0, 256, (n, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
+    y = torch.randint(0, args.num_classes, (n,), device=device)
     flops, t_warmup = count_flops(step, x, y), time.perf_counter()
     if args.compile:
         compile_blocks(m)
@@ -1377,7 +1337,7 @@ def benchmark(args):
         sync()
         times.append(time.perf_counter() - t0)
     ms = torch.tensor(times[warmup:]) * 1000
-    step_s = ms.median().item() / 1000
+    tflops = flops / ms.median().item() / 1e9
     name = torch.cuda.get_device_name(device) if cuda else ""
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     rows = dict(benchmark=f"{'smoke-size ' * args.smoke}{args.model} + {args.vae}, {args.resolution}px, global batch "
@@ -1385,10 +1345,10 @@ def benchmark(args):
                           f"{hp.amp_dtype or torch.float32}, compile {'on' if args.compile else 'off'}, "
                           f"{args.benchmark} timed steps",
                 step_time_ms=f"median {ms.median():.1f} min {ms.min():.1f} max {ms.max():.1f}",
-                images_per_s=f"{args.batch_size / step_s:.2f}",
+                images_per_s=f"{args.batch_size / ms.median().item() * 1000:.2f}",
                 peak_memory_gb=f"{peak_memory_gb(device):.2f} ({'CUDA max allocated' if cuda else 'peak RSS'})",
-                flops_per_step=f"{flops / 1e12:.4f} TFLOP per process; achieved {flops / step_s / 1e12:.2f} TFLOP/s",
-                mfu=f"{100 * flops / step_s / (peak * 1e12):.1f}% of {peak} TFLOP/s dense bf16" if peak else
+                flops_per_step=f"{flops / 1e12:.4f} TFLOP per process; achieved {tflops:.2f} TFLOP/s",
+                mfu=f"{100 * tflops / peak:.1f}% of {peak} TFLOP/s dense bf16" if peak else
                 "n/a (no known peak for this device; pass --peak-tflops)",
                 warmup_s=f"{t_warmup:.1f} ({warmup} steps{', compile included' * args.compile}); graphs compiled: "
                          f"{compiled}, of which during the timed steps (recompiles): "
@@ -1403,8 +1363,7 @@ def benchmark(args):
 # SiT-XL/2 on SD-VAE (f8d4), DINOv2-B, depth 8, 0.5 / 1.5.
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (see fail), not the whole usage text; exact flag names only; every
-    default shown in --help."""
+    """argparse with one-line errors (see fail), exact flag names only and every default in --help."""
     def __init__(self, **kw):
         super().__init__(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
 
@@ -1479,7 +1438,6 @@ def parse_args(argv=None, check=True):
     a("--resume", help="'auto' (latest checkpoint of this run) or a checkpoint path")
     a("--checkpointing-steps", type=at_least(1), default=50_000, help="a checkpoint every this many steps")
     a("--log-every", type=at_least(1), default=100, help="a metrics row every this many steps")
-    a("--sample-every", "--sampling-steps", type=at_least(0), default=10_000, help="preview grids; 0: none")
     a = p.add_argument_group("speed and distributed").add_argument
     a("--mixed-precision", default="bf16", choices=list(AMP_DTYPES), help="autocast dtype on CUDA (CPU: fp32)")
     a("--allow-tf32", action=on_off, default=True, help="TF32 matmuls and convolutions on CUDA")
@@ -1493,7 +1451,7 @@ def parse_args(argv=None, check=True):
     a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for the MFU of --benchmark")
     if "--smoke" in argv:                                   # its defaults; flags given still win
         p.set_defaults(resolution=64, num_classes=None, batch_size=8, max_train_steps=40, checkpointing_steps=20,
-                       log_every=10, sample_every=20, num_workers=0, encoder_depth=2, exp_name="smoke")
+                       log_every=10, num_workers=0, encoder_depth=2, exp_name="smoke")
     args = p.parse_args(argv)
     return check_args(args, p) if check else args
 
