@@ -1216,7 +1216,7 @@ class RunLog:
             dist.all_reduce(vals)
             vals /= self.d.world
         vals = dict(zip(logs, vals.tolist()))
-        bad = [f"{k}={v}" for k, v in vals.items() if not (math.isfinite(v) or fp16 and k.startswith("grad_norm"))]
+        bad = [f"{k}={v}" for k, v in vals.items() if not (math.isfinite(v) or (fp16 and k.startswith("grad_norm")))]
         if bad:
             kept = f"the last good checkpoint is kept in {self.ckpt_dir}, resume from it with --resume auto" \
                 if os.listdir(self.ckpt_dir) else "no checkpoint was written before it"
@@ -1237,16 +1237,18 @@ class RunLog:
         self.t_log, self.logged = now, step
 
     def checkpoint(self, step, logs, m):
-        self.values(step, logs, m.scaler.is_enabled())
+        if self.logged != step:                             # write_metrics has checked this step's values
+            self.values(step, logs, m.scaler.is_enabled())
         path = os.path.join(self.ckpt_dir, f"{step:07d}.pt")
         save_checkpoint(path, m, self.args, step, self.d)
         self.log(f"saved checkpoint {path}")
 
-def all_max(t, dist_env, group=None):
-    """t's maximum over the ranks, in place."""
+def any_rank(flag, dist_env):
+    """True on every rank when it is True on one (over the control group: no device sync)."""
+    flag = torch.tensor([float(flag)])
     if dist_env.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=dist_env.ctrl)
+    return bool(flag.item())
 
 def main(args):
     dist_env = init_distributed(args.deterministic, args.allow_tf32)
@@ -1277,7 +1279,7 @@ def main(args):
         for micro in zip(*[iter(loader)] * K):              # K micro-batches per update; a last partial group dropped
             logs = train_step(micro, m, hp, args.freeze_vae, device)
             step += 1
-            stopped = bool(all_max(torch.tensor([float(bool(stop))]), dist_env, dist_env.ctrl))   # no device sync
+            stopped = any_rank(bool(stop), dist_env)
             done = stopped or step >= last
             if step % args.log_every == 0 or done:
                 out.write_metrics(step, logs, m, last)
@@ -1291,14 +1293,14 @@ def main(args):
 
 def start_line(args, m, hp, dataset, dist_env):
     count = lambda module: f"{sum(p.numel() for p in module.parameters()):,}"
-    disc = f"from {args.disc_pretrained_ckpt}" if args.disc_pretrained_ckpt else "random" if not args.vae_ckpt \
-        else f"random: no {beside(args.vae_ckpt, '-discriminator-ckpt.pt')} beside --vae-ckpt"
+    disc = f"from {args.disc_pretrained_ckpt}" if args.disc_pretrained_ckpt else \
+        f"random: no {beside(args.vae_ckpt, '-discriminator-ckpt.pt')} beside --vae-ckpt" if args.vae_ckpt else "random"
+    K = args.gradient_accumulation_steps
     return (f"SiT parameters: {count(m.sit)} ({'smoke-size ' * args.smoke}{args.model}); VAE: {count(m.vae)}; "
             f"discriminator: {'none (frozen VAE)' if m.disc is None else disc}; {len(dataset):,} "
-            f"{'procedural smoke' if isinstance(dataset, SmokeImages) else 'training'} images; "
-            f"{dist_env.world} processes on {dist_env.device.type}; precision {hp.amp_dtype or torch.float32}; "
-            f"update batch {args.batch_size * args.gradient_accumulation_steps} ({args.gradient_accumulation_steps} "
-            f"x {args.batch_size})" + " (random weights)" * args.random_weights)
+            f"{'procedural smoke' if isinstance(dataset, SmokeImages) else 'training'} images; {dist_env.world} "
+            f"processes on {dist_env.device.type}; precision {hp.amp_dtype or torch.float32}; update batch "
+            f"{args.batch_size * K} ({K} x {args.batch_size})" + " (random weights)" * args.random_weights)
 
 # ---- Benchmark: --benchmark times the step on synthetic data -------------------------------------
 
@@ -1316,11 +1318,11 @@ def benchmark(args):
     """--benchmark N: random weights, synthetic batches; one uncompiled step's FLOPs give the MFU, then warm-up and
     N whole steps timed between device syncs, and the graphs compiled during them (recompiles)."""
     dist_env = init_distributed(args.deterministic, args.allow_tf32)
-    device, n, cuda = dist_env.device, args.batch_size // dist_env.world, dist_env.device.type == "cuda"
+    device, local_bs, cuda = dist_env.device, args.batch_size // dist_env.world, dist_env.device.type == "cuda"
     m, hp = setup(args, dist_env)[0], hparams(args, device)
     step = functools.partial(frozen_vae_step if args.freeze_vae else repae_step, m=m, hp=hp)
-    x = torch.randint(0, 256, (n, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
-    y = torch.randint(0, args.num_classes, (n,), device=device)
+    x = torch.randint(0, 256, (local_bs, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
+    y = torch.randint(0, args.num_classes, (local_bs,), device=device)
     flops, t_warmup = count_flops(step, x, y), time.perf_counter()
     if args.compile:
         compile_blocks(m)
@@ -1337,7 +1339,7 @@ def benchmark(args):
         sync()
         times.append(time.perf_counter() - t0)
     ms = torch.tensor(times[warmup:]) * 1000
-    tflops = flops / ms.median().item() / 1e9
+    step_s = ms.median().item() / 1000
     name = torch.cuda.get_device_name(device) if cuda else ""
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     rows = dict(benchmark=f"{'smoke-size ' * args.smoke}{args.model} + {args.vae}, {args.resolution}px, global batch "
@@ -1345,10 +1347,10 @@ def benchmark(args):
                           f"{hp.amp_dtype or torch.float32}, compile {'on' if args.compile else 'off'}, "
                           f"{args.benchmark} timed steps",
                 step_time_ms=f"median {ms.median():.1f} min {ms.min():.1f} max {ms.max():.1f}",
-                images_per_s=f"{args.batch_size / ms.median().item() * 1000:.2f}",
+                images_per_s=f"{args.batch_size / step_s:.2f}",
                 peak_memory_gb=f"{peak_memory_gb(device):.2f} ({'CUDA max allocated' if cuda else 'peak RSS'})",
-                flops_per_step=f"{flops / 1e12:.4f} TFLOP per process; achieved {tflops:.2f} TFLOP/s",
-                mfu=f"{100 * tflops / peak:.1f}% of {peak} TFLOP/s dense bf16" if peak else
+                flops_per_step=f"{flops / 1e12:.4f} TFLOP per process; achieved {flops / step_s / 1e12:.2f} TFLOP/s",
+                mfu=f"{100 * flops / step_s / (peak * 1e12):.1f}% of {peak} TFLOP/s dense bf16" if peak else
                 "n/a (no known peak for this device; pass --peak-tflops)",
                 warmup_s=f"{t_warmup:.1f} ({warmup} steps{', compile included' * args.compile}); graphs compiled: "
                          f"{compiled}, of which during the timed steps (recompiles): "
