@@ -20,9 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
-#################################################################################
-#                           PART 1: THE METHOD                                  #
-#################################################################################
+# ============================== PART 1: THE METHOD ================================================
 
 # ---- VAE: the LDM AutoencoderKL (SD-VAE f8d4, IN/VA-VAE f16d32) ----------------------------------
 # The tokenizer that REPA-E tunes; keys as in the LDM and released REPA-E checkpoints.
@@ -82,12 +80,9 @@ def vae_level(c_in, c_out, blocks, attn):
     level.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(blocks if attn else 0))
     return level
 
-def run_level(level, h, checkpointing=False):
+def run_level(level, h):
     for i, block in enumerate(level.block):
-        if checkpointing and torch.is_grad_enabled():       # recompute in backward: less memory
-            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
-        else:
-            h = block(h)
+        h = block(h)
         h = level.attn[i](h) if len(level.attn) else h
     return h
 
@@ -124,7 +119,6 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, ch, ch_mult, z_channels, attn_levels, num_res_blocks):
         super().__init__()
-        self.checkpointing = False                          # activation checkpointing of levels
         c = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, c, 3, 1, 1)
         self.mid = mid_block(c)
@@ -140,7 +134,7 @@ class Decoder(nn.Module):
     def forward(self, z):                                   # (B, z, h, w) -> (B, 3, h*f, w*f)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
-            h = run_level(level, h, self.checkpointing)
+            h = run_level(level, h)
             h = level.upsample(h) if hasattr(level, "upsample") else h
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -310,11 +304,10 @@ class LabelEmbedder(nn.Module):
 
 class SiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning on c = t_emb + y_emb."""
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=False):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=True, qk_norm=qk_norm,
-                              norm_layer=nn.LayerNorm)       # qk_norm: a LayerNorm per head dim
+        self.attn = Attention(dim, num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -343,8 +336,7 @@ def projector(dim, projector_dim, z_dim):                   # h_phi of L_REPA
 class SiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
-                 z_dims=(768,), encoder_depth=8, projector_dim=2048, bn_momentum=0.1,
-                 qk_norm=False):
+                 z_dims=(768,), encoder_depth=8, projector_dim=2048, bn_momentum=0.1):
         super().__init__()
         if not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth {encoder_depth} is not in [1, depth {depth}]")
@@ -357,7 +349,7 @@ class SiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         pos = sincos_pos_embed(hidden_size, input_size // patch_size)[None]
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
-        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm)
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio)
                                     for _ in range(depth))
         self.projectors = nn.ModuleList(projector(hidden_size, projector_dim, z) for z in z_dims)
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
@@ -417,8 +409,7 @@ class SiT(nn.Module):
 # DINOv2-B is the paper's default; timm at img_size=224 gives the tokens of the torch.hub route.
 
 DINOV2 = {"s": ("small", 384), "b": ("base", 768), "l": ("large", 1024), "g": ("giant", 1536)}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def dinov2_timm_name(enc_type):
     """'dinov2-vit-b' -> vit_base_patch14_dinov2.lvd142m; 'dinov2-vit-b-reg': its reg4 twin."""
@@ -444,25 +435,12 @@ def encoder_targets(encoders, x):
     return [enc.forward_features(x)[:, enc.num_prefix_tokens:] for enc in encoders]
 
 # ---- Losses: L_DIFF (velocity) and L_REPA (alignment) --------------------------------------------
-# x_t = alpha_t z_n + sigma_t eps, target v = d_alpha z_n + d_sigma eps (linear path: eps - z_n).
+# The linear path from data (t = 0) to noise (t = 1), t ~ U(0, 1) per sample:
+# x_t = (1 - t) z_n + t eps, and the SiT predicts its velocity dx_t/dt = eps - z_n.
 
-def interpolant(t, path_type):
-    """(alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt), linear (default) or cosine path."""
-    if path_type == "linear":
-        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    a = math.pi / 2
-    return torch.cos(a * t), torch.sin(a * t), -a * torch.sin(a * t), a * torch.cos(a * t)
-
-def sample_t(n, weighting, path_type, device):
-    """t ~ U(0, 1) (default), or log-normal: sigma = exp(N(0, 1)) mapped to t."""
-    if weighting == "uniform":
-        return torch.rand(n, device=device)
-    sigma = torch.randn(n, device=device).exp()
-    return sigma / (1 + sigma) if path_type == "linear" else 2 / math.pi * torch.atan(sigma)
-
-def noisy_input(z_n, t, eps, path_type):
-    alpha, sigma, d_alpha, d_sigma = interpolant(t.view(-1, 1, 1, 1), path_type)
-    return alpha * z_n + sigma * eps, d_alpha * z_n + d_sigma * eps     # x_t, v
+def noisy_input(z_n, t, eps):
+    t = t.view(-1, 1, 1, 1)
+    return (1 - t) * z_n + t * eps, eps - z_n                   # x_t, v
 
 def diffusion_loss(v_pred, v):                              # mean over C,H,W then batch, fp32
     return (v_pred.float() - v.float()).pow(2).mean()
@@ -506,7 +484,7 @@ def vae_update(m, hp, x_vae, y, zs, posterior, z, recon, t, eps, sync):
     m.sit.requires_grad_(False)
     m.disc.requires_grad_(False)
     with autocast(z.device, hp):
-        x_t, v = noisy_input(m.sit.bn(z), t, eps, hp.path_type)
+        x_t, v = noisy_input(m.sit.bn(z), t, eps)
         v_pred, zs_tilde = m.sit(x_t, t, y, mode="align" if hp.stop_grad else "train")
     l_reg, logs = vae_regulariser(x_vae, recon, posterior, m.lpips, m.disc)
     l_repa = repa_loss(zs_tilde, zs)
@@ -532,7 +510,7 @@ def disc_update(m, hp, x_vae, recon, sync):
 def sit_update(m, hp, z, y, zs, t, eps, sync):
     """5. L_DIFF + 0.5 L_REPA into the SiT; z arrives detached."""
     with autocast(z.device, hp):
-        x_t, v = noisy_input(m.sit.bn(z), t, eps, hp.path_type)
+        x_t, v = noisy_input(m.sit.bn(z), t, eps)
         v_pred, zs_tilde = m.sit_ddp(x_t, t, y)
         l_diff = diffusion_loss(v_pred, v)
         l_repa = repa_loss(zs_tilde, zs) if zs else torch.zeros((), device=z.device)
@@ -561,7 +539,7 @@ def repae_step(x, y, m, hp, sync=True):
     with autocast(x.device, hp):
         zs = encoder_targets(m.encoders, x)                 # 1. alignment targets, no grad
         posterior, z, recon = m.vae_ddp(x_vae)              # 2. VAE forward, sampled latent z
-    t = sample_t(z.shape[0], hp.weighting, hp.path_type, z.device)   # t and eps serve 3. and 5.
+    t = torch.rand(z.shape[0], device=z.device)             # t and eps serve 3. and 5.
     eps = torch.randn_like(z)
     logs = vae_update(m, hp, x_vae, y, zs, posterior, z, recon, t, eps, sync)
     logs |= disc_update(m, hp, x_vae, recon, sync)
@@ -575,18 +553,16 @@ def frozen_vae_step(x, y, m, hp, sync=True):
     with torch.no_grad(), autocast(x.device, hp):
         zs = encoder_targets(m.encoders, x)
         z = m.vae.encode(x.float() / 127.5 - 1).sample()
-    t = sample_t(z.shape[0], hp.weighting, hp.path_type, z.device)
+    t = torch.rand(z.shape[0], device=z.device)
     eps = torch.randn_like(z)
     m.sit.bn.eval()                                         # the fixed latent statistics
     return end_step(m, hp, sit_update(m, hp, z, y, zs, t, eps, sync), sync)
 
 # ---- What a run is built from: the named models, the hyper-parameters and the trained modules --
 
-vae_models = {
-    "f8d4": functools.partial(AutoencoderKL, ch_mult=(1, 2, 4, 4), z_channels=4),       # SD-VAE
-    "f16d32": functools.partial(AutoencoderKL, ch_mult=(1, 1, 2, 2, 4), z_channels=32,
-                                attn_levels=(4,)),                                    # IN/VA-VAE
-}
+vae_models = {"f8d4": functools.partial(AutoencoderKL, ch_mult=(1, 2, 4, 4), z_channels=4),
+              "f16d32": functools.partial(AutoencoderKL, ch_mult=(1, 1, 2, 2, 4), z_channels=32,
+                                          attn_levels=(4,))}          # SD-VAE; IN-VAE and VA-VAE
 
 SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 SiT_models = {f"SiT-{n}/{p}": functools.partial(SiT, depth=d, hidden_size=h, num_heads=k,
@@ -597,8 +573,6 @@ SiT_models = {f"SiT-{n}/{p}": functools.partial(SiT, depth=d, hidden_size=h, num
 class HParams:
     proj_coeff: float = 0.5                 # weight of L_REPA in the SiT loss
     vae_align_proj_coeff: float = 1.5       # weight of L_REPA in the VAE loss
-    path_type: str = "linear"
-    weighting: str = "uniform"              # the distribution of t
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999
     stop_grad: bool = True                  # False: the naive ablation, L_DIFF reaches the VAE
@@ -667,23 +641,9 @@ def decode_latent(vae, z_n, scale, bias):
     """Images in [-1, 1]: z = z_n / scale + bias undoes the SiT's BatchNorm."""
     return vae.decode(z_n.float() / scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
 
-#################################################################################
-#                           PART 2: RUNNING IT                                  #
-#################################################################################
-# Flags become models, ImageNet batches, torchrun processes (DDP); main runs the loop. Errors are one sentence, with
-# an exit status: 0 done (or stopped by a signal after a checkpoint), 1 a run that went wrong, 2 bad input.
-import argparse
-import atexit
-import contextlib
-import copy
-import gc
-import json
-import os
-import signal
-import sys
-import time
-import warnings
-from types import SimpleNamespace
+# ============================== PART 2: RUNNING IT ================================================
+# Flags become models, ImageNet batches and torchrun processes (DDP); main runs the loop; errors are one sentence.
+import argparse, atexit, contextlib, copy, gc, json, os, resource, signal, sys, time, warnings
 
 import numpy as np
 import safetensors.torch
@@ -715,8 +675,7 @@ def load_file(path, flag, mmap=False):
                 return safetensors.torch.load_file(path)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # every unpickler error means one thing: these bytes are not weights
-        fail(f"'{path}' is unreadable: it is corrupt or not a PyTorch weights file; replace it or pass another "
-             f"with {flag}")
+        fail(f"'{path}' is unreadable: it is corrupt or not a weights file; replace it or pass another with {flag}")
 
 def load_state(module, state, what, flag):
     """load_state_dict(strict=True), but a mismatch names the keys and shapes that differ."""
@@ -729,9 +688,7 @@ def load_state(module, state, what, flag):
              f"unexpected keys {unexpected[:3]}, shape mismatches {shapes[:3]}); check {flag} and the model flags")
     module.load_state_dict(state)
 
-# ---- Building the models from flags --------------------------------------------------------------
-# Pretrained pieces come from local files or their hubs; --random-weights (implied by --smoke and --benchmark)
-# leaves every piece whose file is not given random: no network call at all.
+# ---- Models from flags: local files, else their hubs, else random (--random-weights) -------------
 
 SMOKE = dict(sit=dict(hidden_size=64, num_heads=2, projector_dim=128), vae=dict(ch=32, num_res_blocks=1),
              encoder=dict(depth=2, embed_dim=64, num_heads=2))          # --smoke: tiny models, minutes on a CPU
@@ -768,8 +725,7 @@ def diffusers_config(vae):
                 use_post_quant_conv=True, mid_block_add_attention=True)
 
 def read_vae(path, vae, flag):
-    """The weights for vae as an LDM-layout state dict, and the diffusers config (None for a released .pt): a
-    released .pt, or a diffusers AutoencoderKL folder (or its .safetensors), renamed."""
+    """(LDM-layout state dict, diffusers config or None) of a released .pt or a diffusers folder (or .safetensors)."""
     if not (os.path.isdir(path) or path.endswith(".safetensors")):
         state = load_file(path, flag)
         if "vae" in state and "ema" in state:
@@ -793,8 +749,7 @@ def read_vae(path, vae, flag):
     return state, cfg
 
 def load_vae(args):
-    """build_vae with the --vae-ckpt weights, and its latent statistics (scale, bias): --latents-stats, else the
-    -latents-stats.pt beside a released .pt or a diffusers folder's config; without --vae-ckpt random, and 1, 0."""
+    """build_vae with the --vae-ckpt weights, and the latents' (scale, bias) for the SiT's BatchNorm to start at."""
     vae, cfg = build_vae(args), None
     c = vae.z_channels
     if args.vae_ckpt:
@@ -828,13 +783,9 @@ def load_latent_stats(path, channels):
 
 def build_sit(args, z_dims, vae):
     smoke = dict(SMOKE["sit"], depth=max(4, args.encoder_depth)) if getattr(args, "smoke", False) else {}
-    try:
-        return SiT_models[args.model](input_size=args.resolution // vae.factor, in_channels=vae.z_channels,
-                                      num_classes=args.num_classes, class_dropout_prob=args.cfg_prob, z_dims=z_dims,
-                                      encoder_depth=args.encoder_depth, bn_momentum=args.bn_momentum,
-                                      qk_norm=getattr(args, "qk_norm", False), **smoke)
-    except ValueError as e:                                 # encoder_depth beyond the depth
-        fail(f"{e}; pass an --encoder-depth within the depth of --model {args.model}")
+    return SiT_models[args.model](input_size=args.resolution // vae.factor, in_channels=vae.z_channels,
+                                  num_classes=args.num_classes, class_dropout_prob=args.cfg_prob, z_dims=z_dims,
+                                  encoder_depth=args.encoder_depth, bn_momentum=args.bn_momentum, **smoke)
 
 def encoder_types(args):
     """The alignment encoders; vanilla SiT (frozen VAE, no alignment) needs none, and no projector."""
@@ -843,8 +794,6 @@ def encoder_types(args):
 def load_encoders(args):
     names, encoders = encoder_types(args), []
     for enc_type, ckpt in zip(names, args.enc_ckpt.split(",") if args.enc_ckpt else [None] * len(names)):
-        if ckpt:
-            need_file(ckpt, "--enc-ckpt")
         try:
             encoders.append(load_encoder(enc_type, args.resolution, ckpt, not args.random_weights,
                                          **(SMOKE["encoder"] if args.smoke else {})))
@@ -872,21 +821,15 @@ def lpips_from_flags(args):
              f"once elsewhere and pass them with --vgg-ckpt and --lpips-ckpt")
 
 def hparams(args, device):
-    return HParams(proj_coeff=args.proj_coeff, vae_align_proj_coeff=args.vae_align_proj_coeff,
-                   path_type=args.path_type, weighting=args.weighting, max_grad_norm=args.max_grad_norm,
-                   ema_decay=args.ema_decay, stop_grad=args.stop_grad, accumulation=args.gradient_accumulation_steps,
-                   amp_dtype=AMP_DTYPES[args.mixed_precision] if device.type == "cuda" else None)
+    same = ("proj_coeff", "vae_align_proj_coeff", "max_grad_norm", "ema_decay", "stop_grad")
+    amp = AMP_DTYPES[args.mixed_precision] if device.type == "cuda" else None
+    return HParams(**{k: getattr(args, k) for k in same}, accumulation=args.gradient_accumulation_steps, amp_dtype=amp)
 
 def build(args, device):
     """Every model and optimiser of a run, and the grad scaler, on `device`."""
     vae, (scale, bias) = load_vae(args)
     encoders = [e.to(device) for e in load_encoders(args)]
     sit = build_sit(args, [e.embed_dim for e in encoders], vae)
-    tokens = (args.resolution // vae.factor // sit.patch_size) ** 2
-    for e, name in zip(encoders, encoder_types(args)):
-        if e.patch_embed.num_patches != tokens:
-            fail(f"{name} gives {e.patch_embed.num_patches} tokens but the SiT has {tokens}; pick a --model patch "
-                 f"size that matches the VAE ({args.vae}: SiT-*/2 for f8d4, SiT-*/1 for f16d32)")
     sit.init_bn(scale, bias)
     ema = copy.deepcopy(sit.to(device)).requires_grad_(False).eval()
     # The released requires_grad(model, True) before each SiT update trains the sin-cos pos_embed too; on before DDP
@@ -896,7 +839,6 @@ def build(args, device):
                               weight_decay=args.adam_weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=hparams(args, device).amp_dtype == torch.float16)
     m = Models(vae.to(device), sit, ema, encoders, adamw(sit.parameters(), lr=args.learning_rate), scaler)
-    vae.decoder.checkpointing = args.vae_checkpointing
     if args.freeze_vae:
         vae.eval().requires_grad_(False)
         return m
@@ -910,8 +852,7 @@ def build(args, device):
     return m
 
 def compile_blocks(m):
-    """--compile, regionally: one compiled code object per repeated block type (compile time of a few blocks), in
-    place (the state_dict keys stay official); LPIPS and the discriminator are small and compiled whole."""
+    """--compile per repeated block, in place: compile time of a few blocks, and the state_dict keys stay official."""
     torch._dynamo.config.cache_size_limit = 64              # one static graph per block shape and grad mode
     blocks = [b for b in m.vae.modules() if isinstance(b, (ResnetBlock, AttnBlock))]
     blocks += [*m.sit.blocks, *(b for e in m.encoders for b in e.blocks), *([m.lpips, m.disc] if m.disc else [])]
@@ -947,7 +888,6 @@ def train_step(batches, m, hp, frozen, device):
     return logs
 
 # ---- Data: ImageFolder with the ADM centre crop, smoke images ------------------------------------
-# The data order is a function of (seed, epoch), so a resumed run sees exactly the batches it would have seen.
 
 def center_crop_arr(image, size):
     """ADM: halve with BOX while the short side >= 2 * size, BICUBIC-resize the short side, centre crop."""
@@ -970,8 +910,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     """--data-dir's images; items {x, y}: an unreadable image is named in a warning and replaced by the next one."""
     def __init__(self, root, size):
         if not os.path.isdir(root) or not any(e.is_dir() for e in os.scandir(root)):
-            fail(f"--data-dir '{root}' is not a folder with one sub-folder of images per class (an ImageFolder tree; "
-                 f"the released preprocessing.py's images.h5 is not read here)")
+            fail(f"--data-dir '{root}' is not a folder with one sub-folder of images per class (an ImageFolder tree)")
         super().__init__(root, allow_empty=True)
         self.size = size
 
@@ -1003,11 +942,10 @@ def build_dataset(args):
     """The training images, checked as far as that is cheap on ImageNet: the layout, the classes, the first image."""
     if args.smoke and not args.data_dir:
         return SmokeImages(args.max_images or 256, args.resolution, args.num_classes)
-    root = args.data_dir
-    ds = ImageFolder(root, args.resolution)
+    ds = ImageFolder(args.data_dir, args.resolution)
     if len(ds) == 0 or len(ds.classes) > args.num_classes:
-        fail(f"--data-dir '{root}' holds {len(ds)} images (.jpg, .png, ...) in {len(ds.classes)} class sub-folders "
-             f"for --num-classes {args.num_classes}; it needs images, and no more classes than that")
+        fail(f"--data-dir '{args.data_dir}' holds {len(ds)} images (.jpg, .png, ...) in {len(ds.classes)} class "
+             f"sub-folders for --num-classes {args.num_classes}; it needs images, and no more classes than that")
     try:
         load_image(ds.samples[0][0], args.resolution)
     except UNREADABLE as e:
@@ -1020,25 +958,13 @@ def build_dataset(args):
     return ds
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (per-epoch reshuffle, drop_last) that can start mid-epoch for an exact resume."""
+    """DistributedSampler (order: a function of seed and epoch) that can start mid-epoch for an exact resume."""
     start = 0
 
     def __iter__(self):
         return iter(list(super().__iter__())[self.start:])
 
-    def __len__(self):
-        return self.num_samples - self.start
-
-def data_loader(ds, args, dist_env):
-    return torch.utils.data.DataLoader(
-        ds, batch_size=args.batch_size // dist_env.world, num_workers=args.num_workers, drop_last=True,
-        sampler=ResumableSampler(ds, dist_env.world, dist_env.rank, shuffle=True, seed=args.seed, drop_last=True),
-        pin_memory=dist_env.device.type == "cuda", persistent_workers=args.num_workers > 0,
-        generator=torch.Generator())                        # its own seed draws: the global RNG stays exact
-
-# ---- Distributed setup, run folder, checkpoints (atomic, exact resume) ---------------------------
-# torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; `python repae.py` is a world of one. A small gloo
-# group carries control messages (stop flags, RNG states, errors) without device syncs.
+# ---- Processes (NCCL on CUDA, gloo on CPU), the run folder, checkpoints (exact resume) -----------
 
 def init_distributed(deterministic=False, allow_tf32=True):
     env = lambda name, default: int(os.environ.get(name, default))     # set by torchrun
@@ -1061,22 +987,20 @@ def init_distributed(deterministic=False, allow_tf32=True):
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
         atexit.register(leave_process_group)
-        ctrl = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
-    return SimpleNamespace(rank=rank, world=world, device=device, ctrl=ctrl, is_main=rank == 0,
-                           device_ids=[local_rank] if cuda else None)
+        ctrl = dist.new_group(backend="gloo") if cuda else dist.group.WORLD   # control messages, no device sync
+    return argparse.Namespace(rank=rank, world=world, device=device, ctrl=ctrl, is_main=rank == 0,
+                              device_ids=[local_rank] if cuda else None)
 
 def leave_process_group():
-    """Join gloo's threads before interpreter teardown (else SIGABRT); an error's frames, or a crash's traceback
-    kept in sys.last_*, would still hold the process group."""
+    """Join gloo's threads before teardown (else SIGABRT); a traceback kept in sys.last_* would hold the group."""
     sys.last_exc = sys.last_type = sys.last_value = sys.last_traceback = None
     gc.collect()
     dist.destroy_process_group()
 
 def prepare_run(args):
-    """The weights files, the run folder and the checkpoint to resume from, checked before any model is built: an
-    earlier run is never overwritten. Returns (run_dir, checkpoint path or None)."""
+    """(run folder, checkpoint to resume from or None), checked before anything is written: no run is overwritten."""
     for flag in ("vae_ckpt", "latents_stats", "disc_pretrained_ckpt", "vgg_ckpt", "lpips_ckpt", "enc_ckpt"):
-        for path in (getattr(args, flag) or "").split(","):
+        for path in (getattr(args, flag) or "").split(","):     # every weights file, before any model is built
             if path and not (flag == "vae_ckpt" and os.path.isdir(path)):     # a diffusers folder: read_vae
                 need_file(path, f"--{flag.replace('_', '-')}")
     run_dir = os.path.join(args.output_dir, args.exp_name)
@@ -1092,17 +1016,14 @@ def prepare_run(args):
         fail(f"'{run_dir}' holds a run with checkpoints up to {found[-1]}; continuing it from '{resume}' would mix two "
              f"histories: continue it with --resume auto, or start from '{resume}' with a new --exp-name")
     parent = run_dir
-    while not os.path.isdir(parent):
-        if os.path.exists(parent):
-            fail(f"'{parent}' is a file, so the run folder '{run_dir}' cannot be made there; pass another --output-dir")
+    while not os.path.exists(parent):
         parent = os.path.dirname(parent) or "."
-    if not os.access(parent, os.W_OK):
-        fail(f"cannot write in '{parent}', where the run folder '{run_dir}' goes; pass a writable --output-dir")
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        fail(f"'{parent}' is a file or read-only, so the run folder cannot be made there; pass another --output-dir")
     return run_dir, resume
 
 def write_atomic(path, write):
-    """write(f) into path.tmp, then rename: a crash or a full disk (an OSError, or torch.save's RuntimeError) never
-    leaves a truncated file. Returns that error, its .tmp removed, or None."""
+    """write(f) into path.tmp, then rename: a full disk leaves no truncated file. Returns its error, or None."""
     try:
         with open(f"{path}.tmp", "wb") as f:
             write(f)
@@ -1113,8 +1034,7 @@ def write_atomic(path, write):
         return e
 
 def fail_together(error, dist_env):
-    """Rank 0's error sentence (or None) stops every rank, exit status 1: one rank alone would leave the others in
-    a collective that ends in a traceback."""
+    """Rank 0's error sentence (or None) stops every rank: alone, it would leave the others in a collective."""
     error = [error]
     if dist_env.world > 1:
         dist.broadcast_object_list(error, src=0, group=dist_env.ctrl)
@@ -1143,8 +1063,7 @@ def save_checkpoint(path, m, args, step, dist_env):
                          f"space, then continue with --resume auto", dist_env)
 
 def load_checkpoint(path, m, args, dist_env):
-    """This project's or a released REPA-E checkpoint. Returns (step, exact): exact when every rank's RNG state is
-    restored (same world size), so that the resumed run is bitwise the uninterrupted one."""
+    """This project's or a released checkpoint. Returns (step, exact): bitwise exact when each rank's RNG is back."""
     ckpt, parts = load_file(path, "--resume"), checkpoint_parts(m)
     missing = [k for k in [*parts, "steps"] if k not in ckpt]
     if missing:
@@ -1173,18 +1092,15 @@ def setup(args, dist_env, resume=None):
     step, exact = load_checkpoint(resume, m, args, dist_env) if resume else (0, True)
     return wrap_distributed(m, dist_env), step, exact
 
-# ---- Training loop -------------------------------------------------------------------------------
-# DiT-style: one process per GPU, a run folder with args.json, log.txt, metrics.jsonl and checkpoints/.
+# ---- The training loop, DiT-style (one process per GPU, a run folder), and the benchmark ---------
 
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20      # Linux reports KiB
 
 class RunLog:
-    """log.txt, metrics.jsonl, the non-finite stop and the checkpoints. A step's values leave the device at log and
-    checkpoint steps only, averaged over the ranks."""
+    """log.txt, metrics.jsonl, the checkpoints and the non-finite stop; values leave the device at those steps only."""
     def __init__(self, args, dist_env, run_dir, step):
         self.args, self.d, self.step0, self.logged = args, dist_env, step, step
         self.ckpt_dir, self.metrics = f"{run_dir}/checkpoints", f"{run_dir}/metrics.jsonl"
@@ -1209,8 +1125,7 @@ class RunLog:
                 print(msg, file=f)
 
     def values(self, step, logs, fp16):
-        """The step's values, averaged over the ranks; a non-finite one stops every rank before a checkpoint is
-        written (fp16: inf gradient norms are updates that the grad scaler skips)."""
+        """The mean over ranks; a non-finite value stops all before a checkpoint (fp16: the scaler skips inf norms)."""
         vals = torch.stack(list(logs.values()))
         if self.d.world > 1:
             dist.all_reduce(vals)
@@ -1220,8 +1135,7 @@ class RunLog:
         if bad:
             kept = f"the last good checkpoint is kept in {self.ckpt_dir}, resume from it with --resume auto" \
                 if os.listdir(self.ckpt_dir) else "no checkpoint was written before it"
-            fail(f"non-finite loss or gradient at step {step}: {', '.join(bad)}; {kept}, and lower the learning rate",
-                 code=1)
+            fail(f"non-finite loss or gradient at step {step}: {', '.join(bad)}; {kept}; lower the learning rate", 1)
         return vals
 
     def write_metrics(self, step, logs, m, last):
@@ -1257,7 +1171,11 @@ def main(args):
     run_dir, resume = prepare_run(args)
     m, step, exact = setup(args, dist_env, resume)
     hp = hparams(args, device)
-    loader = data_loader(dataset, args, dist_env)
+    sampler = ResumableSampler(dataset, dist_env.world, dist_env.rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size // dist_env.world, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0,
+                                         generator=torch.Generator())   # own seed draws: the global RNG stays exact
     last = min(args.max_train_steps, args.epochs * (len(loader) // K))   # whichever limit comes first
     if step >= last:
         return say("note", f"'{resume}' is at step {step}, the last of --max-train-steps {args.max_train_steps} and "
@@ -1302,8 +1220,6 @@ def start_line(args, m, hp, dataset, dist_env):
             f"processes on {dist_env.device.type}; precision {hp.amp_dtype or torch.float32}; update batch "
             f"{args.batch_size * K} ({K} x {args.batch_size})" + " (random weights)" * args.random_weights)
 
-# ---- Benchmark: --benchmark times the step on synthetic data -------------------------------------
-
 def count_flops(fn, *args):
     """The matmul and convolution FLOPs of fn(*args), with the math attention kernel, which it counts anywhere."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -1311,12 +1227,10 @@ def count_flops(fn, *args):
         fn(*args)
     return counter.get_total_flops()
 
-# dense bf16 peak of the GPUs (TFLOP/s) for --benchmark's MFU; the first name contained in the device's wins
-PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312, "B200": 2250}
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312, "B200": 2250}   # bf16 dense
 
 def benchmark(args):
-    """--benchmark N: random weights, synthetic batches; one uncompiled step's FLOPs give the MFU, then warm-up and
-    N whole steps timed between device syncs, and the graphs compiled during them (recompiles)."""
+    """--benchmark N: synthetic batches; the FLOPs of an eager step, warm-up, then N steps timed between syncs."""
     dist_env = init_distributed(args.deterministic, args.allow_tf32)
     device, local_bs, cuda = dist_env.device, args.batch_size // dist_env.world, dist_env.device.type == "cuda"
     m, hp = setup(args, dist_env)[0], hparams(args, device)
@@ -1343,26 +1257,20 @@ def benchmark(args):
     name = torch.cuda.get_device_name(device) if cuda else ""
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     rows = dict(benchmark=f"{'smoke-size ' * args.smoke}{args.model} + {args.vae}, {args.resolution}px, global batch "
-                          f"{args.batch_size}, {dist_env.world} process(es) on {device.type}, precision "
-                          f"{hp.amp_dtype or torch.float32}, compile {'on' if args.compile else 'off'}, "
-                          f"{args.benchmark} timed steps",
+                          f"{args.batch_size} on {dist_env.world} {device.type} process(es), precision "
+                          f"{hp.amp_dtype or torch.float32}, compile {args.compile}, {args.benchmark} timed steps",
                 step_time_ms=f"median {ms.median():.1f} min {ms.min():.1f} max {ms.max():.1f}",
                 images_per_s=f"{args.batch_size / step_s:.2f}",
                 peak_memory_gb=f"{peak_memory_gb(device):.2f} ({'CUDA max allocated' if cuda else 'peak RSS'})",
                 flops_per_step=f"{flops / 1e12:.4f} TFLOP per process; achieved {flops / step_s / 1e12:.2f} TFLOP/s",
-                mfu=f"{100 * flops / step_s / (peak * 1e12):.1f}% of {peak} TFLOP/s dense bf16" if peak else
-                "n/a (no known peak for this device; pass --peak-tflops)",
+                mfu=f"{100 * flops / step_s / (peak * 1e12):.1f}% of {peak} TFLOP/s dense bf16" if peak else "n/a: "
+                    "no known peak for this device; pass --peak-tflops",
                 warmup_s=f"{t_warmup:.1f} ({warmup} steps{', compile included' * args.compile}); graphs compiled: "
-                         f"{compiled}, of which during the timed steps (recompiles): "
-                         f"{graphs['unique_graphs'] - compiled}")
+                         f"{compiled}, then in the timed steps (recompiles): {graphs['unique_graphs'] - compiled}")
     if dist_env.is_main:
         print("\n".join(f"{k}: {v}" for k, v in rows.items()))
 
-#################################################################################
-#                                Command line                                    #
-#################################################################################
-# Flag names follow the released train_repae.py and train_ldm_only.py. Defaults are the paper's headline run:
-# SiT-XL/2 on SD-VAE (f8d4), DINOv2-B, depth 8, 0.5 / 1.5.
+# ---- Command line: the released flag names; defaults are the paper's headline run ----------------
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (see fail), exact flag names only and every default in --help."""
@@ -1379,49 +1287,37 @@ def at_least(n):
         return int(text)
     return number
 
-def method_flags(p):
-    """The flags of the data, the models and the losses."""
+def parse_args(argv=None, check=True):
+    """The flags of a run; check=False: as given, with neither refusals nor derived defaults (sample.py's)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = Parser(description="REPA-E: end-to-end training of a VAE and a latent diffusion transformer",
+               epilog="Errors are one line. Exit status 2: bad input, found before anything is written; 1: a run that "
+                      "went wrong later; 0: done, or stopped by SIGTERM/SIGINT after a checkpoint.")
     on_off = argparse.BooleanOptionalAction
     a = p.add_argument_group("data").add_argument
-    a("--data-dir", help="ImageFolder tree, one sub-folder per class; default: data (--smoke: procedural images)")
+    a("--data-dir", default="data", help="ImageFolder tree, one sub-folder per class (--smoke: procedural images)")
     a("--max-images", type=at_least(1), help="train on a spread-out subset of this many images")
     a("--resolution", type=at_least(32), default=256, help="image side in pixels")
-    a("--num-classes", type=at_least(1), default=1000, help="class labels (--smoke: those of --data-dir, or 10)")
+    a("--num-classes", type=at_least(1), default=1000, help="class labels (--smoke: 10)")
     a = p.add_argument_group("models and their weights").add_argument
     a("--model", default="SiT-XL/2", choices=list(SiT_models), help="the SiT")
     a("--vae", "--vae-arch", default="f8d4", choices=list(vae_models), help="the VAE: SD-VAE or IN/VA-VAE layout")
-    a("--vae-ckpt", "--vae-ckpt-path", help="VAE weights: a released .pt, or a diffusers AutoencoderKL folder; f8d4 "
-                                            "default: pretrained/sdvae/sdvae-f8d4.pt")
+    a("--vae-ckpt", "--vae-ckpt-path", help="released .pt or diffusers folder; f8d4: pretrained/sdvae/sdvae-f8d4.pt")
     a("--latents-stats", help="latent statistics; default: <vae-ckpt stem>-latents-stats.pt, or the folder's config")
-    a("--disc-pretrained-ckpt", "--disc-ckpt", help="discriminator weights; default: <vae-ckpt stem>-discriminator-"
-                                                    "ckpt.pt where it exists, else a random start")
+    a("--disc-pretrained-ckpt", "--disc-ckpt", help="default: <vae-ckpt stem>-discriminator-ckpt.pt, if any")
     a("--vgg-ckpt", help="torchvision vgg16-397923af.pth for LPIPS; default: downloaded once")
     a("--lpips-ckpt", help="LPIPS heads (taming vgg.pth); default: downloaded once")
     a("--enc-type", default="dinov2-vit-b", help="alignment encoder(s), comma separated: dinov2-vit-{s,b,l,g}[-reg]")
     a("--enc-ckpt", help="local timm model.safetensors for each --enc-type (offline clusters)")
-    a("--random-weights", action="store_true", help="random weights for every pretrained piece whose file is not "
-                                                    "given (no download)")
-    a("--qk-norm", action=on_off, default=False, help="LayerNorm on queries and keys (timm's qk_norm)")
+    a("--random-weights", action="store_true", help="random weights where no file is given (no download)")
     a("--bn-momentum", type=float, default=0.1, help="momentum of the latent BatchNorm's running statistics")
     a = p.add_argument_group("losses").add_argument
     a("--encoder-depth", type=at_least(1), default=8, help="SiT block whose tokens are aligned (8 for L/XL)")
     a("--proj-coeff", type=float, default=0.5, help="weight of L_REPA in the SiT loss")
     a("--vae-align-proj-coeff", type=float, default=1.5, help="weight of L_REPA in the VAE loss")
     a("--cfg-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
-    a("--path-type", default="linear", choices=["linear", "cosine"], help="the interpolant")
-    a("--weighting", default="uniform", choices=["uniform", "lognormal"], help="distribution of t")
     a("--freeze-vae", action="store_true", help="keep the VAE frozen: REPA (and vanilla SiT with --proj-coeff 0)")
     a("--stop-grad", action=on_off, default=True, help="--no-stop-grad: L_DIFF reaches the VAE (the naive ablation)")
-
-def parse_args(argv=None, check=True):
-    """The flags of a run; check=False: as given, with neither refusals nor derived defaults (sample.py's)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    p = Parser(description="REPA-E: end-to-end training of a VAE and a latent diffusion transformer",
-               epilog="Errors are one line: exit status 2 for bad input, found before anything is written; 1 for "
-                      "a run that went wrong later (a non-finite loss, a full disk); 0 when done or stopped by "
-                      "SIGTERM/SIGINT after a checkpoint.")
-    method_flags(p)
-    on_off = argparse.BooleanOptionalAction
     a = p.add_argument_group("optimisation").add_argument
     a("--batch-size", type=at_least(1), default=256, help="images per micro-batch over all processes")
     a("--gradient-accumulation-steps", type=at_least(1), default=1, help="micro-batches per optimiser update")
@@ -1446,54 +1342,50 @@ def parse_args(argv=None, check=True):
     a("--deterministic", action="store_true", help="deterministic CUDA kernels: a resumed run is bitwise exact")
     a("--num-workers", type=at_least(0), default=min(4, len(os.sched_getaffinity(0))), help="loader processes")
     a("--compile", action=on_off, default=False, help="torch.compile the repeated blocks of every network")
-    a("--vae-checkpointing", action="store_true", help="recompute VAE decoder activations in backward")
     a = p.add_argument_group("tools").add_argument
     a("--smoke", action="store_true", help="tiny random-weight models on procedural images (or --data-dir)")
     a("--benchmark", type=at_least(0), default=0, metavar="N", help="time N steps on synthetic data, random weights")
     a("--peak-tflops", type=float, help="the GPU's dense bf16 peak for the MFU of --benchmark")
     if "--smoke" in argv:                                   # its defaults; flags given still win
-        p.set_defaults(resolution=64, num_classes=None, batch_size=8, max_train_steps=40, checkpointing_steps=20,
-                       log_every=10, num_workers=0, encoder_depth=2, exp_name="smoke")
+        p.set_defaults(data_dir=None, resolution=64, num_classes=10, batch_size=8, max_train_steps=40,
+                       checkpointing_steps=20, log_every=10, num_workers=0, encoder_depth=2, exp_name="smoke")
     args = p.parse_args(argv)
     return check_args(args, p) if check else args
 
 def check_args(args, p):
-    """Every combination that cannot work is refused here, before a model is built or a file written; the
-    defaults that depend on other flags are filled in. Returns args."""
+    """Refuses every combination that cannot work, before anything is built; fills in derived defaults."""
     args.random_weights = args.random_weights or args.smoke or bool(args.benchmark)
     if args.vae_ckpt is None and not args.random_weights:
         if args.vae != "f8d4":
             p.error(f"--vae {args.vae} needs its weights: pass --vae-ckpt (e.g. pretrained/vavae/vavae-f16d32.pt)")
         args.vae_ckpt = "pretrained/sdvae/sdvae-f8d4.pt"
     world, n_enc = int(os.environ.get("WORLD_SIZE", 1)), len(args.enc_type.split(","))   # WORLD_SIZE: torchrun
-    refusals = [
-        (args.freeze_vae and not args.stop_grad, "--no-stop-grad sends L_DIFF into the VAE, which --freeze-vae keeps "
-                                                 "frozen; use one of them"),
-        (args.proj_coeff == 0 and not args.freeze_vae, "--proj-coeff 0 leaves the projector untrained, so L_REPA "
-                                                       "cannot guide the VAE; use it with --freeze-vae (vanilla SiT)"),
-        (args.batch_size % world, f"--batch-size {args.batch_size} is global and not divisible by the {world} "
-                                  f"processes"),
-        (args.resolution % 32, f"--resolution {args.resolution} must be a multiple of 32 (VAE x SiT patch x DINOv2 "
-                               f"grid)"),
-        (args.enc_ckpt and len(args.enc_ckpt.split(",")) != n_enc, f"--enc-ckpt must name one file per --enc-type "
-                                                                   f"encoder ({n_enc})"),
-        (args.freeze_vae and (args.disc_pretrained_ckpt or args.vgg_ckpt or args.lpips_ckpt),
-         "--disc-pretrained-ckpt, --vgg-ckpt and --lpips-ckpt are weights of L_REG, which a frozen VAE (--freeze-vae) "
-         "never computes; drop them"),
-        (args.benchmark and args.resume, "--benchmark times random weights; drop --resume")]
-    for refused, why in refusals:
-        if refused:
-            p.error(why)
+    if args.freeze_vae and not args.stop_grad:
+        p.error("--no-stop-grad sends L_DIFF into the VAE, which --freeze-vae keeps frozen; use one of them")
+    if args.proj_coeff == 0 and not args.freeze_vae:
+        p.error("--proj-coeff 0 leaves L_REPA no projector to guide the VAE: use it with --freeze-vae (vanilla SiT)")
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} is global and not divisible by the {world} processes")
+    if args.resolution % 32:
+        p.error(f"--resolution {args.resolution} must be a multiple of 32 (VAE x SiT patch x DINOv2 grid)")
+    if args.encoder_depth > SiT_models[args.model].keywords["depth"] and not args.smoke:
+        p.error(f"--encoder-depth {args.encoder_depth} is deeper than --model {args.model}; pass a smaller one")
+    factor = 2 ** (len(vae_models[args.vae].keywords["ch_mult"]) - 1)
+    if factor * SiT_models[args.model].keywords["patch_size"] != 16 and encoder_types(args):   # DINOv2: 16 px
+        p.error(f"the tokens of --model {args.model} on --vae {args.vae} are not DINOv2's (16 px each); pick a --model "
+                f"patch size that matches the VAE (f8d4: SiT-*/2, f16d32: SiT-*/1)")
+    if args.enc_ckpt and len(args.enc_ckpt.split(",")) != n_enc:
+        p.error(f"--enc-ckpt must name one file per --enc-type encoder ({n_enc})")
+    if args.freeze_vae and (args.disc_pretrained_ckpt or args.vgg_ckpt or args.lpips_ckpt):
+        p.error("--disc-pretrained-ckpt, --vgg-ckpt and --lpips-ckpt are weights of L_REG, which a frozen VAE "
+                "(--freeze-vae) never computes; drop them")
+    if args.benchmark and args.resume:
+        p.error("--benchmark times random weights; drop --resume")
     for e in args.enc_type.split(","):
         try:
             dinov2_timm_name(e)
         except ValueError as error:
             p.error(f"--enc-type {error}")
-    if args.data_dir is None and not args.smoke:
-        args.data_dir = "data"                              # the released scripts' default
-    if args.num_classes is None:                            # --smoke: the classes of --data-dir, else 10
-        args.num_classes = sum(e.is_dir() for e in os.scandir(args.data_dir)) if args.data_dir and \
-            os.path.isdir(args.data_dir) else 10
     if args.disc_pretrained_ckpt is None and args.vae_ckpt and not args.freeze_vae and \
             os.path.isfile(beside(args.vae_ckpt, "-discriminator-ckpt.pt")):
         args.disc_pretrained_ckpt = beside(args.vae_ckpt, "-discriminator-ckpt.pt")   # the released naming

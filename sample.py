@@ -26,7 +26,7 @@ import torchvision
 from PIL import Image
 
 import repae
-from repae import euler_sampler, fail, guided, interpolant
+from repae import euler_sampler, fail, guided
 
 
 #################################################################################
@@ -35,12 +35,11 @@ from repae import euler_sampler, fail, guided, interpolant
 # The SiT predicts a velocity v(x_t, t, y). Classifier-free guidance mixes the conditional and the
 # null-label (index num_classes) predictions, only for guidance_low <= t <= guidance_high.
 
-def score_from_velocity(v, x, t, path_type):
-    """Score of x_t from the predicted velocity: for the linear path
+def score_from_velocity(v, x, t):
+    """Score of x_t from the predicted velocity on the linear path (alpha = 1 - t, sigma = t):
     ((1-t)/(-1) * v - x) / (t^2 - ((1-t)/(-1)) * t)."""
-    alpha, sigma, d_alpha, d_sigma = interpolant(t, path_type)
-    ratio = alpha / d_alpha
-    return (ratio * v - x) / (sigma ** 2 - ratio * d_sigma * sigma)
+    ratio = (1 - t) / -1
+    return (ratio * v - x) / (t ** 2 - ratio * t)
 
 
 def per_sample_randn(generators, like):
@@ -50,7 +49,7 @@ def per_sample_randn(generators, like):
 
 @torch.no_grad()
 def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
-                           path_type="linear", generators=None):
+                           generators=None):
     """Euler-Maruyama on linspace(1, 0.04, N) then 0, diffusion w(t) = 2t, drift v - w/2 * score;
     the last step to 0 takes the mean (no noise). Noise is drawn before each model call, in float64,
     with randn_like as the reference, or from one CPU generator per sample when `generators` is given."""
@@ -64,7 +63,7 @@ def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidan
         eps = None if last else torch.randn_like(x) if generators is None else per_sample_randn(generators, x)
         deps = None if last else eps * abs(dt) ** 0.5
         drift = guided(model, x, t_cur, y, **cfg,
-                       fn=lambda v, x_in, t: v - 0.5 * w * score_from_velocity(v, x_in, t, path_type))
+                       fn=lambda v, x_in, t: v - 0.5 * w * score_from_velocity(v, x_in, t))
         x = x + drift * dt if last else x + drift * dt + w ** 0.5 * deps
     return x
 
@@ -75,7 +74,7 @@ def euler_maruyama_sampler(model, noise, y, num_steps=250, cfg_scale=1.0, guidan
 # One loader for this project's checkpoints, released REPA-E ones (ema + tuned vae + args) and
 # frozen-VAE ones (no vae key: --vae-ckpt or the run's vae_ckpt). Always the EMA weights.
 
-MODEL_FLAGS = ("model", "vae", "resolution", "num_classes", "encoder_depth", "path_type")
+MODEL_FLAGS = ("model", "vae", "resolution", "num_classes", "encoder_depth")
 
 
 def run_config(ckpt, args):
@@ -92,6 +91,8 @@ def load_checkpoint(args):
     if not isinstance(ckpt, dict) or "ema" not in ckpt:
         fail(f"'{args.ckpt}' has no 'ema' weights, so it is not a SiT training checkpoint; pass one saved by "
              f"repae.py or a released REPA-E checkpoint with --ckpt")
+    if getattr(ckpt.get("args"), "path_type", "linear") != "linear":      # the released --path-type cosine
+        fail(f"'{args.ckpt}' was trained on the {ckpt['args'].path_type} path; these samplers follow the linear one")
     return ckpt, run_config(ckpt, args)
 
 
@@ -171,7 +172,7 @@ def generate(indices, model, vae, scale, bias, schedule, args, amp):
     cfg = dict(num_steps=args.num_steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
                guidance_high=args.guidance_high)
     with amp():
-        z_n = euler_maruyama_sampler(model, noise, y, **cfg, path_type=args.path_type, generators=gens) \
+        z_n = euler_maruyama_sampler(model, noise, y, **cfg, generators=gens) \
             if args.mode == "sde" else euler_sampler(model, noise, y, **cfg, heun=args.heun)
     return to_uint8(repae.decode_latent(vae, z_n, scale, bias))
 
@@ -314,7 +315,7 @@ def main(args):
     device, world = dist_env.device, dist_env.world
     log = (lambda msg: print(msg, flush=True)) if dist_env.is_main else (lambda msg: None)
     model, vae, scale, bias, cfg = load_models(args, device, log)
-    args.resolution, args.path_type = cfg.resolution, cfg.path_type
+    args.resolution = cfg.resolution
     if args.cfg_scale > 1 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
         fail("this SiT was trained without label dropout (--cfg-prob 0), so it has no null label; use --cfg-scale 1")
     schedule = label_schedule(args, model.num_classes)
@@ -494,7 +495,7 @@ RECONSTRUCT_SETTINGS = ("ckpt", "vae_ckpt", "vae", "resolution", "data_dir", "nu
 # flags of the sampler and the SiT, which --reconstruct never reads
 SAMPLER_FLAGS = ("latents_stats", "global_seed", "mode", "num_steps", "heun", "cfg_scale", "guidance_low",
                  "guidance_high", "balanced", "class_labels", "grid", "mixed_precision", "model", "num_classes",
-                 "encoder_depth", "path_type")
+                 "encoder_depth")
 
 
 def parse_args(argv=None):
@@ -543,7 +544,6 @@ def parse_args(argv=None):
       help="class labels (the null label is this index)" + FROM_CKPT)
     a("--encoder-depth", type=repae.at_least(1), default=argparse.SUPPRESS,
       help="SiT block whose tokens feed the projectors" + FROM_CKPT)
-    a("--path-type", default=argparse.SUPPRESS, choices=["linear", "cosine"], help="the interpolant" + FROM_CKPT)
     args = p.parse_args(argv)
     for k in MODEL_FLAGS:
         setattr(args, k, getattr(args, k, None))            # None: the checkpoint's own setting

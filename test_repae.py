@@ -141,8 +141,7 @@ def test_defaults_are_the_papers_headline_run():
     assert (a.learning_rate, a.vae_learning_rate, a.disc_learning_rate, a.adam_beta1, a.adam_beta2, a.adam_epsilon,
             a.adam_weight_decay, a.max_grad_norm, a.ema_decay, a.cfg_prob) == \
         (1e-4, 1e-4, 1e-4, 0.9, 0.999, 1e-8, 0.0, 1.0, 0.9999, 0.1)
-    assert (a.batch_size, a.max_train_steps, a.resolution, a.num_classes, a.path_type, a.weighting, a.stop_grad) == \
-        (256, 400_000, 256, 1000, "linear", "uniform", True)
+    assert (a.batch_size, a.max_train_steps, a.resolution, a.num_classes, a.stop_grad) == (256, 400_000, 256, 1000, True)
     s = sample.parse_args(["--ckpt", "c.pt"])
     assert (s.mode, s.num_steps, s.cfg_scale, s.guidance_low, s.guidance_high, s.num_fid_samples) == \
         ("sde", 250, 1.0, 0.0, 1.0, 50_000)
@@ -294,17 +293,11 @@ def test_latent_stats_round_trip_and_bn_normalises():
 
 def test_interpolant_and_velocity_target():
     z_n, eps, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0.0, 0.3, 1.0])
-    x_t, v = repae.noisy_input(z_n, t, eps, "linear")
-    assert torch.allclose(v, eps - z_n) and torch.allclose(x_t[0], z_n[0]) and torch.allclose(x_t[2], eps[2])
-    x_t, v = repae.noisy_input(z_n, t, eps, "cosine")
-    assert torch.allclose(x_t[2], eps[2], atol=1e-6) and torch.allclose(v[0], math.pi / 2 * eps[0])
-    t = repae.sample_t(10_000, "lognormal", "linear", "cpu")
-    assert 0 < t.min() and t.max() < 1 and abs(t.median().item() - 0.5) < 0.03   # sigma = 1 at the median
-    torch.manual_seed(0)
-    for path, log_sigma in (("linear", lambda t: torch.log(t / (1 - t))), ("cosine", lambda t: torch.log(torch.tan(
-            math.pi / 2 * t)))):                            # sigma = exp(N(0, 1)), mapped to t as the reference
-        ls = log_sigma(repae.sample_t(100_000, "lognormal", path, "cpu").double())
-        assert abs(ls.mean().item()) < 0.02 and abs(ls.std().item() - 1) < 0.02, path
+    x_t, v = repae.noisy_input(z_n, t, eps)
+    assert torch.equal(v, eps - z_n) and torch.equal(x_t[0], z_n[0]) and torch.equal(x_t[2], eps[2])
+    assert torch.allclose(x_t[1], 0.7 * z_n[1] + 0.3 * eps[1])
+    dt = 1e-3                                               # v is the path's time derivative
+    assert torch.allclose((repae.noisy_input(z_n, t + dt, eps)[0] - x_t) / dt, v, atol=1e-3)
 
 
 def test_sit_forward_modes_share_the_trunk():
@@ -368,7 +361,7 @@ def test_stop_gradient_keeps_l_diff_out_of_the_vae():
 
 def test_t_and_noise_are_reused(monkeypatch):
     calls, original = [], repae.noisy_input
-    monkeypatch.setattr(repae, "noisy_input", lambda z_n, t, eps, path: calls.append((t, eps)) or original(z_n, t, eps, path))
+    monkeypatch.setattr(repae, "noisy_input", lambda z_n, t, eps: calls.append((t, eps)) or original(z_n, t, eps))
     args, m, x, y = tiny_run()
     step(x, y, m, args)
     (t1, e1), (t2, e2) = calls
@@ -529,9 +522,6 @@ def test_dinov2_offline_is_one_sentence_naming_the_flag(tmp_path, monkeypatch, c
     msg = error(capsys, repae.load_encoders, args)
     assert "DINOv2 weights timm/vit_base_patch14_dinov2.lvd142m are not in the Hugging Face cache" in msg
     assert msg.count("\n") == 1 and "--enc-ckpt" in msg
-    args.enc_ckpt = str(tmp_path / "missing.safetensors")
-    assert "missing.safetensors' does not exist; pass the right path with --enc-ckpt" in \
-        error(capsys, repae.load_encoders, args)
     with pytest.raises(ValueError, match="dinov2-vit"):
         repae.dinov2_timm_name("mocov3-vit-b")
     assert "--enc-type 'mocov3-vit-b' is not one of" in error(capsys, smoke_args, "--enc-type", "mocov3-vit-b")
@@ -703,8 +693,9 @@ def test_contradictory_flags_are_refused(monkeypatch, capsys):
         repae.parse_args(["--batch-size", "3"])
     assert "not divisible" in capsys.readouterr().err
     monkeypatch.delenv("WORLD_SIZE")                        # a patch size whose token grid is not DINOv2's
-    assert "dinov2-vit-b gives 16 tokens but the SiT has 4; pick a --model patch size that matches the VAE (f8d4: " \
-           "SiT-*/2" in error(capsys, repae.build, smoke_args("--model", "SiT-XL/4"), CPU.device)
+    assert "the tokens of --model SiT-XL/4 on --vae f8d4 are not DINOv2's (16 px each); pick a --model patch size " \
+           "that matches the VAE (f8d4: SiT-*/2" in error(capsys, smoke_args, "--model", "SiT-XL/4")
+    assert smoke_args("--model", "SiT-XL/4", "--freeze-vae", "--proj-coeff", "0").model == "SiT-XL/4"   # no DINOv2
 
 
 #################################################################################
@@ -1075,7 +1066,7 @@ def test_real_weights_path_end_to_end(tmp_path, published):
     assert {"IS", "Precision", "Recall"} <= {line.split(":")[0] for line in r.stdout.splitlines()}
 
 
-def test_resume_path_epochs_and_qk_norm_keep_their_released_meaning(tmp_path):
+def test_resume_path_and_epochs_keep_their_released_meaning(tmp_path):
     run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2", "--max-images", "16")
     other = train(tmp_path / "b", "--resume", str(run / "checkpoints/0000002.pt"), "--max-train-steps", "3",
                   "--max-images", "16")                       # continues checkpoints/0000002.pt in a new run folder
@@ -1085,8 +1076,6 @@ def test_resume_path_epochs_and_qk_norm_keep_their_released_meaning(tmp_path):
                       "4", "--gradient-accumulation-steps", "2")
     assert sorted(os.listdir(one_epoch / "checkpoints")) == ["0000002.pt"]     # 16 images, 2 x 4 an update: 2 steps
     assert json.loads((one_epoch / "metrics.jsonl").read_text().splitlines()[-1])["eta_s"] == 0    # the end is step 2
-    sit = repae.build_sit(smoke_args("--qk-norm"), [16], repae.build_vae(smoke_args()))
-    assert sit.state_dict()["blocks.0.attn.q_norm.weight"].shape == (32,)        # timm's keys: a LayerNorm per head dim
 
 
 def test_released_training_checkpoint_resumes_and_samples(tmp_path, capsys):
@@ -1248,8 +1237,9 @@ def test_smoke_defaults_never_override_given_flags_and_names_must_be_exact(tmp_p
     args = smoke_args("--max-train-steps", "2", "--batch-size", "4", "--data-dir", str(tmp_path))
     assert (args.max_train_steps, args.batch_size, args.checkpointing_steps) == (2, 4, 20)
     make_images(tmp_path / "d", 4, 2)
-    assert smoke_args("--data-dir", str(tmp_path / "d")).num_classes == 4                 # the folder's classes
+    assert smoke_args("--data-dir", str(tmp_path / "d")).num_classes == 10                # --smoke's default
     assert smoke_args("--data-dir", str(tmp_path / "d"), "--num-classes", "7").num_classes == 7
+    assert repae.parse_args([]).data_dir == "data" and smoke_args().data_dir is None   # the released default
     ds = repae.SmokeImages(20, 64, 10)                      # no folder: class i % 10, each image its own disc
     assert ds[3]["y"] == ds[13]["y"] == 3 and not torch.equal(ds[3]["x"], ds[13]["x"])
     r = run_cli(os.path.join(HERE, "repae.py"), "--smoke", "--max-train-step", "2", cwd=tmp_path)   # abbreviated
@@ -1286,20 +1276,27 @@ losses:
     (["--report-to", "wandb", "--loss-cfg-path", "c.yaml", "--prediction", "v"],
      "unrecognized arguments: --report-to wandb --loss-cfg-path c.yaml --prediction v"),
     (["--resume-step", "2", "--vae-latents-name", "c"], "unrecognized arguments: --resume-step 2 --vae-latents-name c"),
+    (["--path-type", "cosine", "--weighting=lognormal"], "unrecognized arguments: --path-type cosine --weighting=lognormal"),
     ])
 def test_bad_flags_get_one_sentence(tmp_path, argv, message, capsys):
     msg = error(capsys, smoke_args, *argv)
     assert message in msg and len(msg.splitlines()) == 1
 
 
+def test_an_encoder_depth_beyond_the_sit_is_one_sentence(capsys):
+    msg = error(capsys, repae.parse_args, ["--model", "SiT-B/2", "--encoder-depth", "13", "--random-weights"])
+    assert "--encoder-depth 13 is deeper than --model SiT-B/2; pass a smaller one" in msg and len(msg.splitlines()) == 1
+    assert repae.parse_args(["--model", "SiT-B/2", "--encoder-depth", "12", "--random-weights"]).encoder_depth == 12
+
+
 def test_output_folder_disk_space_and_write_errors(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("")
     msg = error(capsys, repae.main, smoke_args("--output-dir", str(tmp_path / "file" / "x")))
-    assert "is a file, so the run folder" in msg and "pass another --output-dir" in msg
+    assert "is a file or read-only, so the run folder" in msg and "pass another --output-dir" in msg
     with monkeypatch.context() as patch:                    # root may write anywhere: os.access stands in
         patch.setattr(os, "access", lambda path, mode: path != str(tmp_path))
         msg = error(capsys, repae.main, smoke_args("--output-dir", str(tmp_path / "out")))
-    assert f"cannot write in '{tmp_path}', where the run folder" in msg and "pass a writable --output-dir" in msg
+    assert f"'{tmp_path}' is a file or read-only, so the run folder" in msg and "pass another --output-dir" in msg
     assert not (tmp_path / "out").exists()
     run = train(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "2")
     before = snapshot(run / "checkpoints")
@@ -1404,7 +1401,7 @@ def test_benchmark_figures_follow_from_the_step_times(monkeypatch, capsys, resto
     flops = float(out["flops_per_step"].split()[0]) * 1e12
     assert out["images_per_s"] == "16.00" and out["mfu"].endswith("% of 0.5 TFLOP/s dense bf16")
     assert float(out["mfu"].split("%")[0]) == pytest.approx(100 * flops / 0.25 / 0.5e12, abs=0.06)
-    assert out["warmup_s"] == "0.1 (2 steps); graphs compiled: 0, of which during the timed steps (recompiles): 1"
+    assert out["warmup_s"] == "0.1 (2 steps); graphs compiled: 0, then in the timed steps (recompiles): 1"
 
 
 def test_flop_count_of_a_sit_forward_equals_its_closed_form():
@@ -1436,18 +1433,6 @@ def test_compiled_step_matches_eager(monkeypatch):
     for k in eager:
         assert torch.allclose(eager[k], compiled[k], rtol=1e-4, atol=1e-5), k
     torch._dynamo.reset()
-
-
-def test_vae_checkpointing_gives_the_same_gradients():
-    vae = repae.build_vae(smoke_args())
-    x = torch.randn(2, 3, 32, 32)
-    grads = []
-    for on in (False, True):
-        vae.zero_grad()
-        vae.decoder.checkpointing = on
-        vae.decode(vae.encode(x).mode()).square().mean().backward()
-        grads.append([p.grad.clone() for p in vae.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
 def test_export_vae_round_trip(tmp_path, capsys):
@@ -1534,7 +1519,7 @@ def test_a_diffusers_vae_encodes_and_decodes_as_diffusers_does(name, tmp_path):
     """The folder, its .safetensors, and a file with diffusers' attention names before 0.14 (query/key/value/
     proj_attn) load; f16d32 has attention at its lowest level (AttnDownEncoderBlock2D, AttnUpDecoderBlock2D)."""
     import safetensors.torch
-    ours = repae.build_vae(smoke_args("--vae", name))
+    ours = repae.build_vae(SimpleNamespace(vae=name, smoke=True))
     c = ours.z_channels
     mean, std = torch.linspace(-0.5, 0.5, c), torch.linspace(0.5, 2.0, c)
     ref = diffusers_vae(ours, tmp_path / "vae", latents_mean=mean.tolist(), latents_std=std.tolist())
@@ -1729,8 +1714,9 @@ RELEASED_COMMANDS = {
 OUR_SCRIPTS = {"train_repae.py": "repae.py", "train_ldm_only.py": "repae.py", "generate.py": "sample.py"}
 
 
-# The released flags that do nothing here, and train_ldm_only.py's latent cache, which --freeze-vae replaces
-DROPPED = ("--report-to=", "--prediction=", "--loss-cfg-path=", "--vae-latents-name=")
+# The released flags that do nothing here (--prediction, --path-type, --weighting: v, the linear path and uniform t
+# are the only choices), and train_ldm_only.py's latent cache, which --freeze-vae replaces
+DROPPED = r'--(report-to|prediction|path-type|weighting|loss-cfg-path|vae-latents-name)[= ]"?[^" ]*"?'
 
 
 def test_the_released_commands_run_with_only_the_script_and_the_dropped_flags_changed(tmp_path, monkeypatch):
@@ -1740,14 +1726,14 @@ def test_the_released_commands_run_with_only_the_script_and_the_dropped_flags_ch
     import shlex
     monkeypatch.chdir(tmp_path)
     argv = lambda name: OUR_SCRIPTS[name].split()[1:] + \
-        [w for w in shlex.split(RELEASED_COMMANDS[name]) if not w.startswith(DROPPED)] + \
+        shlex.split(re.sub(DROPPED, "", RELEASED_COMMANDS[name])) + \
         ["--smoke"] * (name != "generate.py") + ["--freeze-vae"] * (name == "train_ldm_only.py")
     make_images(tmp_path / "data", 2, 128)                    # --batch-size=256
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs/l1_lpips_kl_gan.yaml").write_text(RELEASED_LOSS_CFG)
     for name, vae in (("sdvae/sdvae-f8d4", "f8d4"), ("e2e-vavae/e2e-vavae-400k", "f16d32")):
         os.makedirs(tmp_path / "pretrained" / os.path.dirname(name))
-        model = repae.build_vae(smoke_args("--vae", vae))     # as downloaded, at smoke size
+        model = repae.build_vae(SimpleNamespace(vae=vae, smoke=True))     # as downloaded, at smoke size
         torch.save(model.state_dict(), tmp_path / f"pretrained/{name}.pt")
         torch.save(dict(latents_scale=torch.ones(1, model.z_channels, 1, 1),
                         latents_bias=torch.zeros(1, model.z_channels, 1, 1)), tmp_path / f"pretrained/{name}-latents-stats.pt")
@@ -2077,13 +2063,20 @@ def test_sample_folder_npz_and_resume_regenerates_exactly_the_missing_pngs(tmp_p
     assert np.array_equal(other[kept], arr[kept]) and np.abs(other[2] - arr[2]).max() <= 1
 
 
+def test_a_checkpoint_of_the_cosine_path_is_refused(tmp_path, capsys):
+    path, _, _ = _sample_tiny(tmp_path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["args"].path_type = "cosine"                       # the released --path-type cosine
+    torch.save(ckpt, path)
+    msg = error(capsys, _sample_run, path, tmp_path / "out")
+    assert f"'{path}' was trained on the cosine path; these samplers follow the linear one" in msg
+
+
 def test_sample_images_are_the_ema_sit_sampled_with_the_runs_settings_and_decoded_by_its_bn_stats(tmp_path):
-    """Each PNG, recomputed from the checkpoint by hand: the EMA SiT (not `model`), the run's path type and --heun
-    reach the sampler, z = z_n / scale + bias uses the EMA BatchNorm buffers, and [-1, 1] -> uint8 truncates
+    """Each PNG, recomputed from the checkpoint by hand: the EMA SiT (not `model`) and --heun reach the sampler, z = z_n / scale + bias uses the EMA BatchNorm buffers, and [-1, 1] -> uint8 truncates
     (floor of 127.5 (x + 1)), as the official generate.py whose samples gave the paper's FIDs."""
     path, sit, vae = _sample_tiny(tmp_path)
     ckpt = torch.load(path, weights_only=False)
-    ckpt["args"].path_type = "cosine"
     online = copy.deepcopy(sit)
     with torch.no_grad():
         for p in online.parameters():
@@ -2094,7 +2087,7 @@ def test_sample_images_are_the_ema_sit_sampled_with_the_runs_settings_and_decode
     scale, bias = sit.bn.running_var.rsqrt(), sit.bn.running_mean
     noise, y, gens = sample.draw_inputs(range(6), 0, (4, 8, 8), 10)
     for flags, fn in [(["--mode", "sde"], lambda: sample.euler_maruyama_sampler(
-                          sit, noise, y, 4, 2.0, 0.0, 0.7, path_type="cosine", generators=gens)),
+                          sit, noise, y, 4, 2.0, 0.0, 0.7, generators=gens)),
                       (["--mode", "ode", "--heun"], lambda: repae.euler_sampler(
                           sit, noise, y, 4, 2.0, 0.0, 0.7, heun=True))]:
         arr = _sample_run(path, tmp_path / flags[1], *flags)
@@ -3191,8 +3184,8 @@ def load_raises(path, mmap=False):
 
 def one_sentence(err, path, flag, program):
     assert len(err.splitlines()) == 1 and "Traceback" not in err and "weights_only" not in err, err
-    assert err == f"{program}: error: '{path}' is unreadable: it is corrupt or not a PyTorch weights file; replace " \
-                  f"it or pass another with {flag}\n", err
+    assert err == f"{program}: error: '{path}' is unreadable: it is corrupt or not a weights file; replace it or " \
+                  f"pass another with {flag}\n", err
 
 
 @pytest.mark.parametrize("case", list(_FID_UNREADABLE_CKPT))
@@ -3287,7 +3280,7 @@ def test_sample_help_groups_the_checkpoint_overrides_and_shows_every_default():
     group = "\n".join(lines[lines.index(title) + 1:])
     assert "defaults to the checkpoint's own args" in " ".join(group.split())
     entries = help_entries(r.stdout)
-    overrides = ["--model", "--vae", "--resolution", "--num-classes", "--encoder-depth", "--path-type"]
+    overrides = ["--model", "--vae", "--resolution", "--num-classes", "--encoder-depth"]
     assert [f for f in entries if f in overrides] == overrides
     assert all(re.search(rf"^  {f}\b", group, re.M) for f in overrides)                 # in the group, not above it
     assert all(entries[f].endswith("(default: the checkpoint's)") for f in overrides)
@@ -3297,4 +3290,4 @@ def test_sample_help_groups_the_checkpoint_overrides_and_shows_every_default():
     assert entries["--num-fid-samples"].endswith("(default: 50000)")
     # the overrides still parse to None (the checkpoint's value) or to the value given
     args = sample.parse_args(["--ckpt", "c.pt", "--resolution", "64"])
-    assert [getattr(args, k) for k in sample.MODEL_FLAGS] == [None, None, 64, None, None, None]
+    assert [getattr(args, k) for k in sample.MODEL_FLAGS] == [None, None, 64, None, None]
