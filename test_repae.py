@@ -795,7 +795,7 @@ def test_corrupt_checkpoint_is_detected_on_resume(tmp_path, capsys):
     path, args = run / "checkpoints/0000002.pt", smoke_args()
     ckpt, m = load_ckpt(path), repae.build(args, CPU.device)
     torch.save({k: v for k, v in ckpt.items() if k != "opt_disc"}, tmp_path / "part.pt")
-    assert f"part.pt' lacks ['opt_disc']; it is not a training checkpoint of this configuration" in \
+    assert "part.pt' lacks ['opt_disc']; it is not a training checkpoint of this configuration" in \
         error(capsys, repae.load_checkpoint, str(tmp_path / "part.pt"), m, args, CPU)
     # saved by 2 processes, continued by 3: not bitwise, so each rank reseeds with (seed + rank + step)
     torch.save({**ckpt, "rng": ckpt["rng"] * 2}, tmp_path / "two.pt")
