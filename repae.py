@@ -1363,7 +1363,7 @@ def check_args(args, p):
     if args.freeze_vae and not args.stop_grad:
         p.error("--no-stop-grad sends L_DIFF into the VAE, which --freeze-vae keeps frozen; use one of them")
     if args.proj_coeff == 0 and not args.freeze_vae:
-        p.error("--proj-coeff 0 leaves L_REPA no projector to guide the VAE: use it with --freeze-vae (vanilla SiT)")
+        p.error("--proj-coeff 0 leaves the projector untrained, so L_REPA cannot guide the VAE; add --freeze-vae")
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} is global and not divisible by the {world} processes")
     if args.resolution % 32:

@@ -141,7 +141,8 @@ def test_defaults_are_the_papers_headline_run():
     assert (a.learning_rate, a.vae_learning_rate, a.disc_learning_rate, a.adam_beta1, a.adam_beta2, a.adam_epsilon,
             a.adam_weight_decay, a.max_grad_norm, a.ema_decay, a.cfg_prob) == \
         (1e-4, 1e-4, 1e-4, 0.9, 0.999, 1e-8, 0.0, 1.0, 0.9999, 0.1)
-    assert (a.batch_size, a.max_train_steps, a.resolution, a.num_classes, a.stop_grad) == (256, 400_000, 256, 1000, True)
+    assert (a.batch_size, a.max_train_steps, a.resolution, a.num_classes, a.stop_grad) == \
+        (256, 400_000, 256, 1000, True)
     s = sample.parse_args(["--ckpt", "c.pt"])
     assert (s.mode, s.num_steps, s.cfg_scale, s.guidance_low, s.guidance_high, s.num_fid_samples) == \
         ("sde", 250, 1.0, 0.0, 1.0, 50_000)
@@ -1272,11 +1273,13 @@ losses:
     (["--freeze-vae", "--lpips-ckpt", "vgg.pth"], "which a frozen VAE (--freeze-vae) never computes; drop them"),
     (["--vae-ckpt", "v.pt", "--freeze-vae", "--disc-ckpt", "d.pt"], "drop them"),
     (["--benchmark", "2", "--resume", "auto"], "--benchmark times random weights; drop --resume"),
+    (["--proj-coeff", "0"], "--proj-coeff 0 leaves the projector untrained, so L_REPA cannot guide the VAE"),
     # the released flags that do nothing here: unknown, named in one line (README: what differs)
     (["--report-to", "wandb", "--loss-cfg-path", "c.yaml", "--prediction", "v"],
      "unrecognized arguments: --report-to wandb --loss-cfg-path c.yaml --prediction v"),
     (["--resume-step", "2", "--vae-latents-name", "c"], "unrecognized arguments: --resume-step 2 --vae-latents-name c"),
-    (["--path-type", "cosine", "--weighting=lognormal"], "unrecognized arguments: --path-type cosine --weighting=lognormal"),
+    (["--path-type", "cosine", "--weighting=lognormal"],
+     "unrecognized arguments: --path-type cosine --weighting=lognormal"),
     ])
 def test_bad_flags_get_one_sentence(tmp_path, argv, message, capsys):
     msg = error(capsys, smoke_args, *argv)
@@ -2073,7 +2076,8 @@ def test_a_checkpoint_of_the_cosine_path_is_refused(tmp_path, capsys):
 
 
 def test_sample_images_are_the_ema_sit_sampled_with_the_runs_settings_and_decoded_by_its_bn_stats(tmp_path):
-    """Each PNG, recomputed from the checkpoint by hand: the EMA SiT (not `model`) and --heun reach the sampler, z = z_n / scale + bias uses the EMA BatchNorm buffers, and [-1, 1] -> uint8 truncates
+    """Each PNG, recomputed from the checkpoint by hand: the EMA SiT (not `model`) and --heun reach the sampler,
+    z = z_n / scale + bias uses the EMA BatchNorm buffers, and [-1, 1] -> uint8 truncates
     (floor of 127.5 (x + 1)), as the official generate.py whose samples gave the paper's FIDs."""
     path, sit, vae = _sample_tiny(tmp_path)
     ckpt = torch.load(path, weights_only=False)
