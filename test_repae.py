@@ -1178,6 +1178,30 @@ def test_resume_is_bitwise_exact_on_cuda_with_deterministic(tmp_path, restore_de
         assert_same(a[k], b[k], k)
 
 
+@cuda_only
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_real_weights_path_on_cuda_trains_and_resumes(tmp_path, published, precision):
+    """On a GPU, under autocast: every pretrained piece from its publisher's file, 2 steps, then a resume to 3."""
+    w = published
+    make_images(tmp_path / "data", 2, 2)
+    flags = ["--data-dir", str(tmp_path / "data"), "--model", "SiT-S/2", "--resolution", "64", "--num-classes", "2",
+             "--enc-type", "dinov2-vit-s", "--encoder-depth", "4", "--batch-size", "2", "--checkpointing-steps", "1",
+             "--log-every", "1", "--num-workers", "0", "--output-dir", str(tmp_path / "exps"), "--exp-name", "real",
+             "--vae-ckpt", str(w / "sdvae-f8d4.pt"), "--vgg-ckpt", str(w / "vgg16-397923af.pth"), "--lpips-ckpt",
+             str(w / "vgg.pth"), "--enc-ckpt", str(w / "model.safetensors"), "--mixed-precision", precision]
+    for steps, resume in (("2", []), ("3", ["--resume", "auto"])):
+        r = run_cli("repae.py", *flags, "--max-train-steps", steps, *resume, env={"HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "exps/real/log.txt").read_text()
+    dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[precision]
+    assert "processes on cuda" in log and f"precision {dtype}" in log and "discriminator: from" in log
+    assert "resumed from" in log and "done: steps 2 to 3" in log
+    rows = [json.loads(r) for r in (tmp_path / "exps/real/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["l_diff"]) for r in rows)
+    ckpt = load_ckpt(tmp_path / "exps/real/checkpoints/0000003.pt")
+    assert (ckpt["scaler"]["scale"] > 0) if precision == "fp16" else not ckpt["scaler"], ckpt["scaler"]
+
+
 #################################################################################
 #          Nothing is lost, and every bad input gets one sentence                #
 #################################################################################
