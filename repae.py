@@ -999,10 +999,6 @@ def leave_process_group():
 
 def prepare_run(args):
     """(run folder, checkpoint to resume from or None), checked before anything is written: no run is overwritten."""
-    for flag in ("vae_ckpt", "latents_stats", "disc_pretrained_ckpt", "vgg_ckpt", "lpips_ckpt", "enc_ckpt"):
-        for path in (getattr(args, flag) or "").split(","):     # every weights file, before any model is built
-            if path and not (flag == "vae_ckpt" and os.path.isdir(path)):     # a diffusers folder: read_vae
-                need_file(path, f"--{flag.replace('_', '-')}")
     run_dir = os.path.join(args.output_dir, args.exp_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     found = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
@@ -1086,6 +1082,10 @@ def load_checkpoint(path, m, args, dist_env):
 
 def setup(args, dist_env, resume=None):
     """Models from one seed on every rank (random encoders included), then a seed per rank for its own draws."""
+    for flag in ("vae_ckpt", "latents_stats", "disc_pretrained_ckpt", "vgg_ckpt", "lpips_ckpt", "enc_ckpt"):
+        for path in (getattr(args, flag) or "").split(","):     # every weights file, before any model is built
+            if path and not (flag == "vae_ckpt" and os.path.isdir(path)):     # a diffusers folder: read_vae
+                need_file(path, f"--{flag.replace('_', '-')}")
     torch.manual_seed(args.seed)
     m = build(args, dist_env.device)
     torch.manual_seed(args.seed + dist_env.rank)

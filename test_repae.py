@@ -523,6 +523,9 @@ def test_dinov2_offline_is_one_sentence_naming_the_flag(tmp_path, monkeypatch, c
     msg = error(capsys, repae.load_encoders, args)
     assert "DINOv2 weights timm/vit_base_patch14_dinov2.lvd142m are not in the Hugging Face cache" in msg
     assert msg.count("\n") == 1 and "--enc-ckpt" in msg
+    args.enc_ckpt = str(tmp_path / "missing.safetensors")      # main and --benchmark both check it in setup
+    assert "missing.safetensors' does not exist; pass the right path with --enc-ckpt" in \
+        error(capsys, repae.setup, args, CPU)
     with pytest.raises(ValueError, match="dinov2-vit"):
         repae.dinov2_timm_name("mocov3-vit-b")
     assert "--enc-type 'mocov3-vit-b' is not one of" in error(capsys, smoke_args, "--enc-type", "mocov3-vit-b")
